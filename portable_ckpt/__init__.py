@@ -1,0 +1,2 @@
+"""portable-ckpt: portable, verifiable, exactly resumable PyTorch checkpoints."""
+__version__ = "0.1.0"

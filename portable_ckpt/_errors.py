@@ -1,0 +1,35 @@
+"""The one error hierarchy. Each class also subclasses the matching builtin."""
+
+from __future__ import annotations
+
+
+class CheckpointError(Exception):
+    """Root of every error this library raises on purpose."""
+
+
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """A checkpoint path, or a file its manifest lists, does not exist."""
+
+
+class CheckpointExistsError(CheckpointError, FileExistsError):
+    """A checkpoint for this step is already committed (pass overwrite=True to replace it)."""
+
+
+class CheckpointCorruptedError(CheckpointError, ValueError):
+    """A file is malformed, violates its schema, or disagrees with the manifest."""
+
+
+class UnsupportedFormatVersionError(CheckpointError, ValueError):
+    """The checkpoint was written by a newer format version than this reader knows."""
+
+
+class QuantizationMetadataError(CheckpointCorruptedError):
+    """The manifest says quantized but the quantization metadata is missing or invalid."""
+
+
+class StateMismatchError(CheckpointError, ValueError):
+    """The model or optimizer does not match the checkpoint (keys, shapes, dtypes)."""
+
+
+class CheckpointWriteError(CheckpointError, OSError):
+    """Writing a checkpoint failed (disk full, permission, I/O); nothing was committed."""
