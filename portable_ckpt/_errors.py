@@ -15,6 +15,10 @@ class CheckpointExistsError(CheckpointError, FileExistsError):
     """A checkpoint for this step is already committed (pass overwrite=True to replace it)."""
 
 
+class CheckpointInputError(CheckpointError, ValueError):
+    """An argument given to save or load is unusable (a NaN in config, a negative step, ...)."""
+
+
 class CheckpointCorruptedError(CheckpointError, ValueError):
     """A file is malformed, violates its schema, or disagrees with the manifest."""
 

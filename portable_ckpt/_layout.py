@@ -1,0 +1,191 @@
+"""The checkpoints root on disk: step directories, the ``latest`` pointer, temporaries, the commit.
+
+A checkpoint is committed by renaming a fully written and fsync'd temporary directory into place;
+``latest`` is then replaced atomically. Both happen under an advisory lock on ``<root>/.lock`` so
+that concurrent writers never interleave a commit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import re
+import shutil
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+from ._errors import CheckpointExistsError, CheckpointNotFoundError, CheckpointWriteError
+
+STEP_DIR = re.compile(r"^step-([0-9]{8,})$")
+LATEST = "latest"
+LOCK = ".lock"
+TMP_PREFIX = ".tmp-"  # a save in progress (or crashed)
+TRASH_PREFIX = ".trash-"  # a checkpoint being deleted or replaced
+
+
+def step_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def step_of(name: str) -> int | None:
+    m = STEP_DIR.match(name)
+    return int(m.group(1)) if m else None
+
+
+def fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_file(path: Path, data: bytes) -> None:
+    """Create ``path`` (never replacing a file) with ``data``, synced to disk."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def committed_steps(root: Path) -> list[int]:
+    """Steps with a committed checkpoint (a step directory holding manifest.json), ascending."""
+    try:
+        names = os.listdir(root)
+    except FileNotFoundError:
+        return []
+    steps = []
+    for name in names:
+        step = step_of(name)
+        if step is not None and (root / name / "manifest.json").is_file():
+            steps.append(step)
+    return sorted(steps)
+
+
+def read_latest(root: Path) -> Path | None:
+    """The checkpoint ``latest`` names, if it is committed; else the highest committed step; else None."""
+    try:
+        name = (root / LATEST).read_text(encoding="utf-8").strip()
+    except (FileNotFoundError, UnicodeDecodeError):
+        name = ""
+    if step_of(name) is not None and (root / name / "manifest.json").is_file():
+        return root / name
+    steps = committed_steps(root)
+    return root / step_name(steps[-1]) if steps else None
+
+
+@contextlib.contextmanager
+def locked(root: Path) -> Iterator[None]:
+    """Hold the root's advisory commit lock (blocks until free)."""
+    fd = os.open(root / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def new_temp_dir(root: Path, step: int) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f"{TMP_PREFIX}{step_name(step)}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    return tmp
+
+
+def _replace_latest(root: Path) -> None:
+    steps = committed_steps(root)
+    if not steps:
+        return
+    tmp = root / f"{TMP_PREFIX}latest-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    write_file(tmp, (step_name(steps[-1]) + "\n").encode())
+    os.replace(tmp, root / LATEST)
+
+
+def commit(tmp: Path, root: Path, step: int, *, overwrite: bool) -> Path:
+    """Move the finished temporary directory into place and point ``latest`` at the newest step."""
+    final = root / step_name(step)
+    fsync_path(tmp)
+    with locked(root):
+        trash = None
+        if final.exists():
+            if not overwrite:
+                raise CheckpointExistsError(
+                    f"{final}: a checkpoint for step {step} already exists; "
+                    "pass overwrite=True to replace it, or save a new step"
+                )
+            trash = root / f"{TRASH_PREFIX}{final.name}-{uuid.uuid4().hex[:8]}"
+            os.rename(final, trash)
+        os.rename(tmp, final)
+        fsync_path(root)
+        _replace_latest(root)
+        fsync_path(root)
+    if trash is not None:
+        shutil.rmtree(trash, ignore_errors=True)
+    return final
+
+
+def delete(root: Path, step: int) -> None:
+    """Remove a committed checkpoint: renamed away first so it vanishes atomically for readers."""
+    final = root / step_name(step)
+    trash = root / f"{TRASH_PREFIX}{final.name}-{uuid.uuid4().hex[:8]}"
+    try:
+        os.rename(final, trash)
+    except FileNotFoundError:
+        return
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def clean_temporaries(root: Path) -> list[str]:
+    """Remove leftovers of crashed saves and deletions whose writer is gone; returns their names."""
+    removed = []
+    try:
+        names = os.listdir(root)
+    except FileNotFoundError:
+        return removed
+    for name in names:
+        if not name.startswith((TMP_PREFIX, TRASH_PREFIX)) or _owner_alive(name):
+            continue
+        path = root / name
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        removed.append(name)
+    return removed
+
+
+def _owner_alive(name: str) -> bool:
+    """Temporaries carry the writer's pid; one of a live process (not ours) may still be in use."""
+    m = re.match(r"^\.tmp-(?:step-[0-9]+|latest)-([0-9]+)-", name)
+    if m is None:
+        return False
+    pid = int(m.group(1))
+    if pid == os.getpid():
+        return True  # our own save (an async one) may be running
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def as_write_error(e: OSError, what: str) -> CheckpointWriteError:
+    reason = errno.errorcode.get(e.errno or 0, "error")
+    err = CheckpointWriteError(e.errno, f"{what}: {e.strerror or e} ({reason}); nothing was committed")
+    err.filename = e.filename
+    return err
+
+
+def require_dir(path: Path) -> None:
+    if not path.exists():
+        raise CheckpointNotFoundError(f"{path}: no such checkpoint or directory")

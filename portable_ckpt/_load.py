@@ -1,0 +1,277 @@
+"""load_checkpoint: find, verify and read a checkpoint, then restore live objects from it.
+
+Everything is read and checked before anything is restored, so a damaged checkpoint never leaves
+a model half loaded.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import torch
+from torch import nn
+
+from . import _jsonio, _layout, _legacy, _manifest, _quant, _rng, _safetensors, _schemas
+from ._errors import (
+    CheckpointCorruptedError,
+    CheckpointNotFoundError,
+    QuantizationMetadataError,
+    StateMismatchError,
+)
+from ._checkpoint import Checkpoint
+from ._hashing import checksum, new_hasher
+from ._save import CONFIG_FILE, MODEL_FILE, OPTIMIZER_FILE, QUANT_FILE, SCALER_FILE, SCHEDULER_FILE, VOCAB_FILE
+from ._state import Stateful, check_model_match, load_into, load_pt, with_aliases
+
+_HASH_CHUNK = 8 << 20
+
+
+def resolve(path: str | os.PathLike[str]) -> Path:
+    """The checkpoint directory ``path`` names: itself, or a root's newest committed checkpoint."""
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointNotFoundError(f"{p}: no such checkpoint or directory")
+    if not p.is_dir():
+        raise CheckpointNotFoundError(f"{p}: not a directory; pass a checkpoint directory or a checkpoints root")
+    if (p / _manifest.MANIFEST).exists() or _legacy.is_legacy(p):
+        return p
+    if _layout.step_of(p.name) is not None or (p / MODEL_FILE).exists():
+        raise CheckpointNotFoundError(f"{p / _manifest.MANIFEST}: manifest.json is missing; the checkpoint is incomplete")
+    latest = _layout.read_latest(p)
+    if latest is None:
+        raise CheckpointNotFoundError(
+            f"{p}: no committed checkpoint here (expected manifest.json, or step-NNNNNNNN directories with one)"
+        )
+    return latest
+
+
+class _Files:
+    """Opens the files a manifest lists, checking kind, size and (when verifying) checksum."""
+
+    def __init__(self, directory: Path, manifest: dict[str, Any], verify: bool) -> None:
+        self.dir = directory
+        self.entries: dict[str, dict[str, Any]] = manifest["files"]
+        self.verify = verify
+
+    def label(self, name: str) -> str:
+        return f"{self.dir}/{name}"
+
+    def open(self, name: str) -> BinaryIO:
+        path = self.dir / name
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        except FileNotFoundError:
+            raise CheckpointNotFoundError(f"{path}: {name} is listed in the manifest but missing") from None
+        except OSError as e:
+            raise CheckpointCorruptedError(f"{path}: cannot open ({e.strerror}); symlinks are refused") from None
+        f = os.fdopen(fd, "rb")
+        st = os.fstat(fd)
+        expected = self.entries[name]["size"]
+        if not stat.S_ISREG(st.st_mode) or st.st_size != expected:
+            f.close()
+            found = f"{st.st_size} bytes" if stat.S_ISREG(st.st_mode) else "not a regular file"
+            raise CheckpointCorruptedError(f"{path}: size mismatch: the manifest says {expected} bytes, found {found}")
+        return f
+
+    def check_digest(self, name: str, digest: str) -> None:
+        expected = self.entries[name]["checksum"]
+        if digest != expected:
+            raise CheckpointCorruptedError(
+                f"{self.label(name)}: checksum mismatch: the manifest says {expected}, the file hashes to {digest}"
+            )
+
+    def verify_file(self, name: str) -> None:
+        """Check kind and size, and the checksum when verifying."""
+        with self.open(name) as f:
+            if not self.verify:
+                return
+            h = new_hasher()
+            buf = bytearray(_HASH_CHUNK)
+            while n := f.readinto(buf):
+                h.update(memoryview(buf)[:n])
+        self.check_digest(name, h.hexdigest())
+
+    def read_bytes(self, name: str) -> bytes:
+        with self.open(name) as f:
+            data = f.read()
+        if self.verify:
+            self.check_digest(name, checksum(data))
+        return data
+
+    def read_json(self, name: str, kind: str | None, error: type[CheckpointCorruptedError] = CheckpointCorruptedError) -> Any:
+        try:
+            data = self.read_bytes(name)
+        except CheckpointCorruptedError as e:
+            raise error(str(e)) from None
+        try:
+            doc = _jsonio.loads(data, self.label(name))
+            if kind is not None:
+                _schemas.validate(doc, kind, self.label(name), error)
+        except CheckpointCorruptedError as e:
+            raise error(str(e)) from None
+        return doc
+
+    def read_tensors(self, name: str) -> tuple[_safetensors.Header, dict[str, torch.Tensor]]:
+        with self.open(name) as f:
+            size = self.entries[name]["size"]
+            header, raw = _safetensors.read_header(f, size, self.label(name))
+            file_hash = new_hasher() if self.verify else None
+            if file_hash is not None:
+                file_hash.update(raw)
+            tensors = _safetensors.read_tensors(f, header, self.label(name), file_hash=file_hash)
+        if file_hash is not None:
+            self.check_digest(name, file_hash.hexdigest())
+        return header, tensors
+
+    def read_pt(self, name: str, map_location: Any) -> Any:
+        self.verify_file(name)
+        return load_pt(self.dir / name, self.label(name), map_location)
+
+
+def _check_tensor_table(files: _Files, header: _safetensors.Header) -> None:
+    listed = files.entries[MODEL_FILE].get("tensors")
+    if listed is not None and set(listed) != set(header.names()):
+        missing = sorted(set(listed) - set(header.names()))
+        unlisted = sorted(set(header.names()) - set(listed))
+        raise CheckpointCorruptedError(
+            f"{files.label(MODEL_FILE)}: tensors disagree with the manifest: "
+            f"listed but absent {missing[:10]}, present but unlisted {unlisted[:10]}"
+        )
+
+
+def _quantization(files: _Files, manifest: dict[str, Any], header: _safetensors.Header) -> dict[str, Any] | None:
+    summary = manifest.get("quantization")
+    if summary is None:
+        return None
+    name = summary["metadata_file"]
+    if name not in files.entries or not (files.dir / name).exists():
+        raise QuantizationMetadataError(
+            f"{files.label(name)}: the quantization metadata file is missing, but the manifest says the model "
+            f"is quantized (mode {summary['mode']}, {summary['bits']} bits)"
+        )
+    meta = files.read_json(name, "quantization_metadata", QuantizationMetadataError)
+    for key in ("mode", "bits"):
+        if meta.get(key) != summary[key]:
+            raise QuantizationMetadataError(
+                f"{files.label(name)}: {key} is {meta.get(key)!r} but the manifest says {summary[key]!r}"
+            )
+    _quant.check_metadata(meta, {e.name: (e.dtype, list(e.shape)) for e in header.entries}, filename=files.label(name))
+    return meta  # type: ignore[no-any-return]
+
+
+def read_checkpoint(directory: Path, *, map_location: Any = "cpu", verify: bool = True) -> tuple[Checkpoint, dict[str, Any] | None]:
+    """Read and check a format-1 checkpoint directory; returns it with its RNG documents (or None)."""
+    data = _manifest.read_regular(directory / _manifest.MANIFEST, _manifest.MANIFEST, _jsonio.MAX_JSON_BYTES)
+    manifest = _manifest.parse(data, where=str(directory))
+    dir_step = _layout.step_of(directory.name)
+    if dir_step is not None and dir_step != manifest["step"]:
+        raise CheckpointCorruptedError(
+            f"{directory}/manifest.json: step is {manifest['step']} but the directory is named for step {dir_step}"
+        )
+    files = _Files(directory, manifest, verify)
+    header, tensors = files.read_tensors(MODEL_FILE)
+    _check_tensor_table(files, header)
+    quant = _quantization(files, manifest, header)
+    state = with_aliases(tensors, manifest.get("aliases", {}), files.label(MODEL_FILE))
+    if str(map_location) != "cpu":
+        state = {k: v.to(map_location) for k, v in state.items()}
+    listed = files.entries
+    optional_pt = {
+        name: files.read_pt(name, map_location) if name in listed else None
+        for name in (OPTIMIZER_FILE, SCHEDULER_FILE, SCALER_FILE)
+    }
+    rng = None
+    if _rng.JSON_FILE in listed:
+        doc = files.read_json(_rng.JSON_FILE, "rng")
+        _, rng_tensors = files.read_tensors(_rng.TENSOR_FILE) if _rng.TENSOR_FILE in listed else (None, {})
+        _rng.check(rng_tensors, doc)
+        rng = {"doc": doc, "tensors": rng_tensors}
+    for name in set(listed) - KNOWN_FILES:
+        files.verify_file(name)  # unknown to this reader: still verified, otherwise ignored
+    ckpt = Checkpoint(
+        path=directory,
+        format_version=manifest["format_version"],
+        step=manifest["step"],
+        config=files.read_json(CONFIG_FILE, None) if CONFIG_FILE in listed else {},
+        vocab=files.read_json(VOCAB_FILE, "vocab") if VOCAB_FILE in listed else None,
+        model_state=state,
+        optimizer_state=optional_pt[OPTIMIZER_FILE],
+        quantization=quant,
+        manifest=manifest,
+        extra=manifest.get("extra"),
+        scheduler_state=optional_pt[SCHEDULER_FILE],
+        scaler_state=optional_pt[SCALER_FILE],
+    )
+    if not isinstance(ckpt.config, dict):
+        raise CheckpointCorruptedError(f"{files.label(CONFIG_FILE)}: expected a JSON object")
+    return ckpt, rng
+
+
+KNOWN_FILES = {MODEL_FILE, OPTIMIZER_FILE, SCHEDULER_FILE, SCALER_FILE, CONFIG_FILE, VOCAB_FILE, QUANT_FILE,
+               _rng.JSON_FILE, _rng.TENSOR_FILE}
+
+
+def _restore(name: str, obj: Stateful | None, state: Any, source: Path) -> None:
+    if obj is None:
+        return
+    if state is None:
+        raise StateMismatchError(f"{source}: the checkpoint holds no {name} state, but a {name} was passed to restore")
+    load_into(obj, state, name, str(source))
+
+
+def apply(
+    ckpt: Checkpoint,
+    rng: Mapping[str, Any] | None,
+    *,
+    model: nn.Module | None,
+    optimizer: torch.optim.Optimizer | None,
+    scheduler: Stateful | None,
+    scaler: Stateful | None,
+    strict: bool,
+    restore_rng: bool,
+) -> None:
+    """Restore live objects from a checkpoint that has been fully read and checked."""
+    source = ckpt.path / MODEL_FILE
+    if model is not None:
+        if ckpt.quantization is not None:
+            _quant.apply_quantization(model, ckpt.quantization)
+        check_model_match(model, ckpt.model_state, str(source), strict=strict)
+        model.load_state_dict(ckpt.model_state, strict=strict)
+    _restore("optimizer", optimizer, ckpt.optimizer_state, ckpt.path / OPTIMIZER_FILE)
+    _restore("scheduler", scheduler, ckpt.scheduler_state, ckpt.path / SCHEDULER_FILE)
+    _restore("scaler", scaler, ckpt.scaler_state, ckpt.path / SCALER_FILE)
+    if restore_rng and rng is not None:
+        _rng.restore(rng["tensors"], rng["doc"])
+
+
+def load_checkpoint(
+    path: str | os.PathLike[str],
+    model: nn.Module | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    *,
+    map_location: Any = "cpu",
+    strict: bool = True,
+    verify: bool = True,
+    scheduler: Stateful | None = None,
+    scaler: Stateful | None = None,
+    restore_rng: bool = True,
+) -> Checkpoint:
+    """Load a checkpoint directory, or the newest committed one under a checkpoints root.
+
+    Given ``model``/``optimizer``/``scheduler``/``scaler``, their state is restored in place, and
+    with ``restore_rng`` the random generators too. ``verify`` checks every file's size and
+    checksum against the manifest before anything is used.
+    """
+    directory = resolve(path)
+    if not (directory / _manifest.MANIFEST).exists():
+        ckpt = _legacy.read(directory, map_location=map_location)
+        rng = None
+    else:
+        ckpt, rng = read_checkpoint(directory, map_location=map_location, verify=verify)
+    apply(ckpt, rng, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+          strict=strict, restore_rng=restore_rng)
+    return ckpt

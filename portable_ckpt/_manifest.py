@@ -1,0 +1,96 @@
+"""manifest.json: build, seal with its own checksum, parse and check."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import stat
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import _jsonio, _schemas
+from ._errors import CheckpointCorruptedError, CheckpointNotFoundError, UnsupportedFormatVersionError
+from ._hashing import ALGORITHM, checksum
+
+FORMAT = "portable-ckpt"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+LIBRARY_VERSION = "0.1.0"
+
+
+def now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def seal(doc: dict[str, Any]) -> dict[str, Any]:
+    """Add ``manifest_checksum``: XXH3-128 of the canonical bytes of every other field."""
+    body = {k: v for k, v in doc.items() if k != "manifest_checksum"}
+    return {**body, "manifest_checksum": checksum(_jsonio.dumps(body))}
+
+
+def build(
+    *,
+    step: int,
+    files: dict[str, dict[str, Any]],
+    aliases: dict[str, str],
+    rng: list[str],
+    quantization: dict[str, Any] | None,
+    extra: dict[str, Any] | None,
+) -> dict[str, Any]:
+    doc: dict[str, Any] = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "step": step,
+        "created_at": now(),
+        "producer": {"name": "portable-ckpt", "version": LIBRARY_VERSION, "torch": torch.__version__},
+        "checksum_algorithm": ALGORITHM,
+        "files": files,
+        "aliases": aliases,
+        "rng": rng,
+        "quantization": quantization,
+        "extra": extra,
+    }
+    doc = seal(doc)
+    _schemas.validate(doc, "manifest", MANIFEST)
+    return doc
+
+
+def read_regular(path: Path, filename: str, limit: int | None = None) -> bytes:
+    """Read a file of a checkpoint, refusing symlinks and anything but regular files."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        raise CheckpointNotFoundError(f"{path}: {filename} is missing") from None
+    except OSError as e:
+        raise CheckpointCorruptedError(f"{path}: cannot open {filename} ({e.strerror}); symlinks are refused") from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise CheckpointCorruptedError(f"{path}: {filename} is not a regular file")
+        if limit is not None and st.st_size > limit:
+            raise CheckpointCorruptedError(f"{path}: {filename} is {st.st_size} bytes, over the limit of {limit}")
+        return f.read()
+
+
+def parse(data: bytes, *, where: str) -> dict[str, Any]:
+    """Parse and check a manifest: format, version, schema, then its own checksum."""
+    label = f"{where}/{MANIFEST}" if where else MANIFEST
+    doc = _jsonio.loads(data, label)
+    if not isinstance(doc, dict):
+        raise CheckpointCorruptedError(f"{label}: expected a JSON object, found {type(doc).__name__}")
+    version = doc.get("format_version")
+    if doc.get("format") == FORMAT and type(version) is int and version > FORMAT_VERSION:
+        raise UnsupportedFormatVersionError(
+            f"{label}: format_version {version} is newer than this reader supports ({FORMAT_VERSION}); "
+            "upgrade portable-ckpt to read it"
+        )
+    _schemas.validate(doc, "manifest", label)
+    expected = seal(doc)["manifest_checksum"]
+    if doc["manifest_checksum"] != expected:
+        raise CheckpointCorruptedError(
+            f"{label}: manifest_checksum is {doc['manifest_checksum']} but the manifest's content hashes to "
+            f"{expected}; the manifest was modified or damaged"
+        )
+    return doc

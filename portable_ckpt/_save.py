@@ -1,0 +1,222 @@
+"""save_checkpoint: snapshot the training state, write it to a temporary directory, commit."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import _jsonio, _layout, _manifest, _quant, _rng, _safetensors, _schemas
+from ._errors import CheckpointError, CheckpointExistsError, CheckpointInputError
+from ._hashing import checksum
+from ._state import Stateful, model_state, save_pt
+
+MODEL_FILE = "model.safetensors"
+OPTIMIZER_FILE = "optimizer.pt"
+SCHEDULER_FILE = "scheduler.pt"
+SCALER_FILE = "scaler.pt"
+CONFIG_FILE = "config.json"
+VOCAB_FILE = "vocab.json"
+QUANT_FILE = "quantization_metadata.json"
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """Everything a checkpoint holds, captured at one moment; written later by ``write``."""
+
+    step: int
+    tensors: dict[str, torch.Tensor]
+    aliases: dict[str, str]
+    optimizer: dict[str, Any] | None
+    scheduler: dict[str, Any] | None
+    scaler: dict[str, Any] | None
+    config: dict[str, Any]
+    vocab: list[str] | dict[str, int] | None
+    extra: dict[str, Any] | None
+    quantization: dict[str, Any] | None
+    rng_tensors: dict[str, torch.Tensor]
+    rng_doc: dict[str, Any] | None
+    rng_sources: list[str]
+
+
+def _json_object(value: Any, name: str) -> dict[str, Any]:
+    doc = _jsonio.to_json_value(value, name)
+    if not isinstance(doc, dict):
+        raise CheckpointInputError(f"{name} must be a dict or a dataclass instance, not {type(value).__name__}")
+    return doc
+
+
+def _vocab(vocab: Any) -> list[str] | dict[str, int] | None:
+    if vocab is None:
+        return None
+    doc = _jsonio.to_json_value(vocab, "vocab")
+    try:
+        _schemas.validate(doc, "vocab", "vocab")
+    except CheckpointError as e:
+        raise CheckpointInputError(f"{e}; vocab must be a list[str] or a dict[str, int] of ids >= 0") from None
+    return doc  # type: ignore[no-any-return]
+
+
+def _host_copy(state: Any) -> Any:
+    """A deep copy with every tensor cloned to host memory (for saves that outlive the call)."""
+    if isinstance(state, torch.Tensor):
+        return state.detach().to("cpu", copy=True)
+    if isinstance(state, dict):
+        return {k: _host_copy(v) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(_host_copy(v) for v in state)
+    return state
+
+
+def snapshot(
+    model: nn.Module | Mapping[str, torch.Tensor],
+    optimizer: torch.optim.Optimizer | None,
+    config: Any,
+    vocab: Any,
+    step: int,
+    *,
+    scheduler: Stateful | None = None,
+    scaler: Stateful | None = None,
+    extra: Any = None,
+    copy: bool = False,
+) -> Snapshot:
+    """Capture the state; with ``copy=True`` every tensor is cloned so training may go on meanwhile."""
+    if type(step) is not int or step < 0:
+        raise CheckpointInputError(f"step must be an int >= 0, found {step!r}")
+    tensors, aliases = model_state(model)
+    quant = _quant.quantization_metadata(model) if isinstance(model, nn.Module) else None
+    rng_tensors, rng_doc, rng_sources = _rng.capture()
+    states = [
+        optimizer.state_dict() if optimizer is not None else None,
+        scheduler.state_dict() if scheduler is not None else None,
+        scaler.state_dict() if scaler is not None else None,
+    ]
+    if copy:
+        tensors = {k: _host_copy(v) for k, v in tensors.items()}
+        states = [_host_copy(s) for s in states]
+    return Snapshot(
+        step=step,
+        tensors=tensors,
+        aliases=aliases,
+        optimizer=states[0],
+        scheduler=states[1],
+        scaler=states[2],
+        config=_json_object(config, "config"),
+        vocab=_vocab(vocab),
+        extra=None if extra is None else _json_object(extra, "extra"),
+        quantization=quant,
+        rng_tensors=rng_tensors,
+        rng_doc=rng_doc,
+        rng_sources=rng_sources,
+    )
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_contents(tmp: Path, snap: Snapshot) -> dict[str, dict[str, Any]]:
+    files: dict[str, dict[str, Any]] = {}
+
+    def tensors_file(name: str, tensors: dict[str, torch.Tensor], per_tensor: bool) -> None:
+        result = _safetensors.write_file(tmp / name, tensors)
+        _fsync(tmp / name)
+        files[name] = {"size": result.size, "checksum": result.checksum}
+        if per_tensor:
+            files[name]["tensors"] = result.tensor_checksums
+
+    def pt_file(name: str, state: Any) -> None:
+        if state is not None:
+            size, digest = save_pt(tmp / name, state)
+            _fsync(tmp / name)
+            files[name] = {"size": size, "checksum": digest}
+
+    def json_file(name: str, doc: Any) -> None:
+        if doc is not None:
+            data = _jsonio.dumps(doc)
+            _layout.write_file(tmp / name, data)
+            files[name] = {"size": len(data), "checksum": checksum(data)}
+
+    tensors_file(MODEL_FILE, snap.tensors, per_tensor=True)
+    pt_file(OPTIMIZER_FILE, snap.optimizer)
+    pt_file(SCHEDULER_FILE, snap.scheduler)
+    pt_file(SCALER_FILE, snap.scaler)
+    if snap.rng_doc is not None:
+        tensors_file(_rng.TENSOR_FILE, snap.rng_tensors, per_tensor=False)
+        json_file(_rng.JSON_FILE, snap.rng_doc)
+    json_file(CONFIG_FILE, snap.config)
+    json_file(VOCAB_FILE, snap.vocab)
+    if snap.quantization is not None:
+        _schemas.validate(snap.quantization, "quantization_metadata", QUANT_FILE)
+        json_file(QUANT_FILE, snap.quantization)
+    return files
+
+
+def write(snap: Snapshot, directory: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
+    """Write a snapshot as ``<directory>/step-NNNNNNNN`` through a temporary directory and an atomic rename."""
+    root = Path(directory)
+    final = root / _layout.step_name(snap.step)
+    if final.exists() and not overwrite:
+        raise CheckpointExistsError(
+            f"{final}: a checkpoint for step {snap.step} already exists; pass overwrite=True to replace it"
+        )
+    tmp: Path | None = None
+    try:
+        tmp = _layout.new_temp_dir(root, snap.step)
+        files = _write_contents(tmp, snap)
+        summary = _quant.manifest_summary(snap.quantization) if snap.quantization is not None else None
+        doc = _manifest.build(
+            step=snap.step,
+            files=files,
+            aliases=snap.aliases,
+            rng=snap.rng_sources,
+            quantization=summary,
+            extra=snap.extra,
+        )
+        _layout.write_file(tmp / _manifest.MANIFEST, _jsonio.dumps(doc))
+        final = _layout.commit(tmp, root, snap.step, overwrite=overwrite)
+        tmp = None
+        return final
+    except CheckpointError:
+        raise
+    except OSError as e:
+        raise _layout.as_write_error(e, f"saving step {snap.step} into {root}") from e
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def save_checkpoint(
+    model: nn.Module | Mapping[str, torch.Tensor],
+    optimizer: torch.optim.Optimizer | None,
+    config: Any,
+    vocab: Any,
+    step: int,
+    directory: str | os.PathLike[str] = "checkpoints",
+    *,
+    overwrite: bool = False,
+    extra: Any = None,
+    scheduler: Stateful | None = None,
+    scaler: Stateful | None = None,
+) -> Path:
+    """Save one checkpoint as ``<directory>/step-<step:08d>/`` and return that path.
+
+    Every file is written and fsync'd in a temporary sibling directory, the manifest last; the
+    directory is then renamed into place and ``latest`` replaced. Nothing is written when an
+    argument is invalid (a NaN in ``config``, a negative step).
+
+    >>> save_checkpoint(model, optimizer, {"lr": 3e-4}, ["a", "b"], 100)  # doctest: +SKIP
+    PosixPath('checkpoints/step-00000100')
+    """
+    snap = snapshot(model, optimizer, config, vocab, step, scheduler=scheduler, scaler=scaler, extra=extra)
+    return write(snap, directory, overwrite=overwrite)
