@@ -73,6 +73,8 @@ def loads(data: bytes, filename: str) -> Any:
     try:
         return json.loads(text, parse_constant=_reject_constant, object_pairs_hook=_no_duplicates)
     except json.JSONDecodeError as e:
-        raise CheckpointCorruptedError(f"{filename}: invalid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+        raise CheckpointCorruptedError(
+            f"{filename}: invalid JSON: {e.msg} at line {e.lineno} column {e.colno}"
+        ) from None
     except (ValueError, RecursionError) as e:
         raise CheckpointCorruptedError(f"{filename}: invalid JSON: {e}") from None

@@ -144,7 +144,7 @@ def delete(root: Path, step: int) -> None:
 
 def clean_temporaries(root: Path) -> list[str]:
     """Remove leftovers of crashed saves and deletions whose writer is gone; returns their names."""
-    removed = []
+    removed: list[str] = []
     try:
         names = os.listdir(root)
     except FileNotFoundError:

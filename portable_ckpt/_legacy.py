@@ -43,7 +43,9 @@ def read(directory: Path, *, map_location: Any = "cpu") -> Checkpoint:
         if (directory / name).is_symlink():
             raise CheckpointCorruptedError(f"{directory}/{name}: is a symlink; checkpoint files must be regular files")
     state = load_pt(directory / MODEL, f"{directory}/{MODEL}", map_location)
-    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
         raise CheckpointCorruptedError(f"{directory}/{MODEL}: expected a state_dict mapping names to tensors")
     optimizer = None
     if (directory / "optimizer.pt").exists():

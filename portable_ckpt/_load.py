@@ -6,23 +6,24 @@ a model half loaded.
 
 from __future__ import annotations
 
+import io
 import os
 import stat
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import torch
 from torch import nn
 
 from . import _jsonio, _layout, _legacy, _manifest, _quant, _rng, _safetensors, _schemas
+from ._checkpoint import Checkpoint
 from ._errors import (
     CheckpointCorruptedError,
     CheckpointNotFoundError,
     QuantizationMetadataError,
     StateMismatchError,
 )
-from ._checkpoint import Checkpoint
 from ._hashing import checksum, new_hasher
 from ._save import CONFIG_FILE, MODEL_FILE, OPTIMIZER_FILE, QUANT_FILE, SCALER_FILE, SCHEDULER_FILE, VOCAB_FILE
 from ._state import Stateful, check_model_match, load_into, load_pt, with_aliases
@@ -40,7 +41,9 @@ def resolve(path: str | os.PathLike[str]) -> Path:
     if (p / _manifest.MANIFEST).exists() or _legacy.is_legacy(p):
         return p
     if _layout.step_of(p.name) is not None or (p / MODEL_FILE).exists():
-        raise CheckpointNotFoundError(f"{p / _manifest.MANIFEST}: manifest.json is missing; the checkpoint is incomplete")
+        raise CheckpointNotFoundError(
+            f"{p / _manifest.MANIFEST}: manifest.json is missing; the checkpoint is incomplete"
+        )
     latest = _layout.read_latest(p)
     if latest is None:
         raise CheckpointNotFoundError(
@@ -60,7 +63,7 @@ class _Files:
     def label(self, name: str) -> str:
         return f"{self.dir}/{name}"
 
-    def open(self, name: str) -> BinaryIO:
+    def open(self, name: str) -> io.BufferedReader:
         path = self.dir / name
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
@@ -102,7 +105,9 @@ class _Files:
             self.check_digest(name, checksum(data))
         return data
 
-    def read_json(self, name: str, kind: str | None, error: type[CheckpointCorruptedError] = CheckpointCorruptedError) -> Any:
+    def read_json(
+        self, name: str, kind: str | None, error: type[CheckpointCorruptedError] = CheckpointCorruptedError
+    ) -> Any:
         try:
             data = self.read_bytes(name)
         except CheckpointCorruptedError as e:
@@ -160,10 +165,12 @@ def _quantization(files: _Files, manifest: dict[str, Any], header: _safetensors.
                 f"{files.label(name)}: {key} is {meta.get(key)!r} but the manifest says {summary[key]!r}"
             )
     _quant.check_metadata(meta, {e.name: (e.dtype, list(e.shape)) for e in header.entries}, filename=files.label(name))
-    return meta  # type: ignore[no-any-return]
+    return meta
 
 
-def read_checkpoint(directory: Path, *, map_location: Any = "cpu", verify: bool = True) -> tuple[Checkpoint, dict[str, Any] | None]:
+def read_checkpoint(
+    directory: Path, *, map_location: Any = "cpu", verify: bool = True
+) -> tuple[Checkpoint, dict[str, Any] | None]:
     """Read and check a format-1 checkpoint directory; returns it with its RNG documents (or None)."""
     data = _manifest.read_regular(directory / _manifest.MANIFEST, _manifest.MANIFEST, _jsonio.MAX_JSON_BYTES)
     manifest = _manifest.parse(data, where=str(directory))
@@ -211,8 +218,17 @@ def read_checkpoint(directory: Path, *, map_location: Any = "cpu", verify: bool 
     return ckpt, rng
 
 
-KNOWN_FILES = {MODEL_FILE, OPTIMIZER_FILE, SCHEDULER_FILE, SCALER_FILE, CONFIG_FILE, VOCAB_FILE, QUANT_FILE,
-               _rng.JSON_FILE, _rng.TENSOR_FILE}
+KNOWN_FILES = {
+    MODEL_FILE,
+    OPTIMIZER_FILE,
+    SCHEDULER_FILE,
+    SCALER_FILE,
+    CONFIG_FILE,
+    VOCAB_FILE,
+    QUANT_FILE,
+    _rng.JSON_FILE,
+    _rng.TENSOR_FILE,
+}
 
 
 def _restore(name: str, obj: Stateful | None, state: Any, source: Path) -> None:
@@ -272,6 +288,14 @@ def load_checkpoint(
         rng = None
     else:
         ckpt, rng = read_checkpoint(directory, map_location=map_location, verify=verify)
-    apply(ckpt, rng, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
-          strict=strict, restore_rng=restore_rng)
+    apply(
+        ckpt,
+        rng,
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        scaler=scaler,
+        strict=strict,
+        restore_rng=restore_rng,
+    )
     return ckpt

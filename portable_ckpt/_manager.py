@@ -99,8 +99,9 @@ class CheckpointManager:
                 f"step {step} is not after the newest checkpoint in {self.root} (step {steps[-1]}); "
                 "saved steps must keep increasing"
             )
-        snap = _save.snapshot(model, optimizer, config, vocab, step, scheduler=scheduler, scaler=scaler,
-                              extra=extra, copy=not blocking)
+        snap = _save.snapshot(
+            model, optimizer, config, vocab, step, scheduler=scheduler, scaler=scaler, extra=extra, copy=not blocking
+        )
         if blocking:
             return self._write(snap)
         with self._lock:
@@ -156,8 +157,17 @@ class CheckpointManager:
             path = self.root / _layout.step_name(step)
             if not (path / "manifest.json").is_file():
                 raise CheckpointNotFoundError(f"{path}: no committed checkpoint for step {step}; have {self.steps()}")
-        return load_checkpoint(path, model, optimizer, scheduler=scheduler, scaler=scaler, map_location=map_location,
-                               strict=strict, verify=verify, restore_rng=restore_rng)
+        return load_checkpoint(
+            path,
+            model,
+            optimizer,
+            scheduler=scheduler,
+            scaler=scaler,
+            map_location=map_location,
+            strict=strict,
+            verify=verify,
+            restore_rng=restore_rng,
+        )
 
     def close(self) -> None:
         """Finish any pending save and stop the background thread."""

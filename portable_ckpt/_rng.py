@@ -36,8 +36,12 @@ def capture() -> tuple[dict[str, torch.Tensor], dict[str, Any], list[str]]:
     if np is not None:
         name, keys, pos, has_gauss, cached = np.random.get_state()
         tensors["numpy"] = torch.from_numpy(keys.astype(np.int64))
-        doc["numpy"] = {"bit_generator": name, "pos": int(pos), "has_gauss": int(has_gauss),
-                        "cached_gaussian": float(cached)}
+        doc["numpy"] = {
+            "bit_generator": name,
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        }
     cuda_devices = 0
     if "torch.cuda" in sys.modules and torch.cuda.is_available() and torch.cuda.is_initialized():
         for i, state in enumerate(torch.cuda.get_rng_state_all()):
@@ -47,7 +51,9 @@ def capture() -> tuple[dict[str, torch.Tensor], dict[str, Any], list[str]]:
     return tensors, doc, sorted(tensors)
 
 
-def _need(tensors: dict[str, torch.Tensor], name: str, dtype: torch.dtype, shape: tuple[int, ...] | None) -> torch.Tensor:
+def _need(
+    tensors: dict[str, torch.Tensor], name: str, dtype: torch.dtype, shape: tuple[int, ...] | None
+) -> torch.Tensor:
     t = tensors.get(name)
     if t is None:
         raise CheckpointCorruptedError(f'{TENSOR_FILE}: tensor "{name}" is missing but {JSON_FILE} lists it')
@@ -65,7 +71,9 @@ def check(tensors: dict[str, torch.Tensor], doc: dict[str, Any]) -> None:
     if doc["python"] is not None:
         words = _need(tensors, "python", torch.int64, (625,))
         if not all(0 <= w < 2**32 for w in words[:624].tolist()) or not 0 <= int(words[624]) <= 624:
-            raise CheckpointCorruptedError(f'{TENSOR_FILE}: tensor "python" holds values outside the MT19937 state range')
+            raise CheckpointCorruptedError(
+                f'{TENSOR_FILE}: tensor "python" holds values outside the MT19937 state range'
+            )
     if doc["numpy"] is not None:
         keys = _need(tensors, "numpy", torch.int64, (624,))
         if bool(((keys < 0) | (keys >= 2**32)).any()):
@@ -80,7 +88,9 @@ def restore(tensors: dict[str, torch.Tensor], doc: dict[str, Any]) -> None:
     try:
         torch.set_rng_state(tensors["torch.cpu"])
     except RuntimeError as e:
-        raise CheckpointCorruptedError(f'{TENSOR_FILE}: tensor "torch.cpu" is not a valid generator state: {e}') from None
+        raise CheckpointCorruptedError(
+            f'{TENSOR_FILE}: tensor "torch.cpu" is not a valid generator state: {e}'
+        ) from None
     if doc["python"] is not None:
         words = tuple(int(w) for w in tensors["python"].tolist())
         random.setstate((doc["python"]["version"], words, doc["python"]["gauss_next"]))

@@ -8,12 +8,12 @@ back with ``readinto`` into freshly allocated tensors. Files are byte-identical 
 from __future__ import annotations
 
 import ctypes
+import io
 import json
 import os
 import struct
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import BinaryIO
 
 import torch
 
@@ -188,8 +188,7 @@ def _parse_entry(filename: str, name: object, raw: object, data_start: int) -> T
     if offsets[1] - offsets[0] != expected:
         raise _bad(
             filename,
-            f'tensor "{name}" needs {expected} bytes ({dtype} {shape}) '
-            f"but its offsets span {offsets[1] - offsets[0]}",
+            f'tensor "{name}" needs {expected} bytes ({dtype} {shape}) but its offsets span {offsets[1] - offsets[0]}',
         )
     return TensorEntry(name, dtype, tuple(shape), data_start + offsets[0], data_start + offsets[1])
 
@@ -222,17 +221,20 @@ def parse_header(prefix: bytes, file_size: int, filename: str) -> Header:
         key=lambda e: (e.start, e.end),
     )
     cursor = data_start
-    for e in entries:
-        if e.start != cursor:
-            what = "overlaps the previous tensor" if e.start < cursor else "leaves a gap before it"
-            raise _bad(filename, f'tensor "{e.name}" at bytes {e.start}..{e.end} {what} (expected start {cursor})')
-        cursor = e.end
+    for entry in entries:
+        if entry.start != cursor:
+            what = "overlaps the previous tensor" if entry.start < cursor else "leaves a gap before it"
+            raise _bad(
+                filename,
+                f'tensor "{entry.name}" at bytes {entry.start}..{entry.end} {what} (expected start {cursor})',
+            )
+        cursor = entry.end
     if cursor != file_size:
         raise _bad(filename, f"tensor data ends at byte {cursor} but the file has {file_size} bytes")
     return Header(entries=tuple(entries), metadata=metadata, data_start=data_start)
 
 
-def read_header(f: BinaryIO, file_size: int, filename: str) -> tuple[Header, bytes]:
+def read_header(f: io.BufferedReader, file_size: int, filename: str) -> tuple[Header, bytes]:
     """Read and validate the header at the start of ``f``; returns it with its raw bytes."""
     first = f.read(8)
     if len(first) < 8:
@@ -244,7 +246,9 @@ def read_header(f: BinaryIO, file_size: int, filename: str) -> tuple[Header, byt
     return parse_header(raw, file_size, filename), raw
 
 
-def readinto_tensor(f: BinaryIO, entry: TensorEntry, dst: torch.Tensor, hashers: Iterable[Hasher], filename: str) -> None:
+def readinto_tensor(
+    f: io.BufferedReader, entry: TensorEntry, dst: torch.Tensor, hashers: Iterable[Hasher], filename: str
+) -> None:
     """Fill contiguous CPU tensor ``dst`` with the entry's bytes read at the file's current position."""
     view = tensor_bytes(dst)
     pos = 0
@@ -258,7 +262,7 @@ def readinto_tensor(f: BinaryIO, entry: TensorEntry, dst: torch.Tensor, hashers:
 
 
 def read_tensors(
-    f: BinaryIO,
+    f: io.BufferedReader,
     header: Header,
     filename: str,
     *,

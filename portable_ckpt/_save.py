@@ -60,7 +60,7 @@ def _vocab(vocab: Any) -> list[str] | dict[str, int] | None:
         _schemas.validate(doc, "vocab", "vocab")
     except CheckpointError as e:
         raise CheckpointInputError(f"{e}; vocab must be a list[str] or a dict[str, int] of ids >= 0") from None
-    return doc  # type: ignore[no-any-return]
+    return doc
 
 
 def _host_copy(state: Any) -> Any:

@@ -70,7 +70,9 @@ def model_state(model: nn.Module | Mapping[str, torch.Tensor]) -> tuple[dict[str
     return stored, aliases
 
 
-def with_aliases(tensors: dict[str, torch.Tensor], aliases: Mapping[str, str], filename: str) -> dict[str, torch.Tensor]:
+def with_aliases(
+    tensors: dict[str, torch.Tensor], aliases: Mapping[str, str], filename: str
+) -> dict[str, torch.Tensor]:
     out = dict(tensors)
     for alias, target in aliases.items():
         if target not in tensors:
@@ -145,7 +147,9 @@ def load_pt(path: str | os.PathLike[str], filename: str, map_location: Any) -> A
             f"no code from a checkpoint is ever run): {first[:300]}"
         ) from None
     except TORCH_LOAD_ERRORS as e:
-        raise CheckpointCorruptedError(f"{filename}: not a readable torch.save file: {type(e).__name__}: {str(e)[:300]}") from None
+        raise CheckpointCorruptedError(
+            f"{filename}: not a readable torch.save file: {type(e).__name__}: {str(e)[:300]}"
+        ) from None
 
 
 def load_into(obj: Stateful, state: Any, what: str, filename: str) -> None:

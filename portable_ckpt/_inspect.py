@@ -1,0 +1,154 @@
+"""Cheap descriptions and full validation of checkpoints, for the CLI and for callers."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from . import _jsonio, _legacy, _manifest, _rng, _safetensors
+from ._errors import CheckpointError
+from ._load import KNOWN_FILES, _check_tensor_table, _Files, _quantization, resolve
+from ._save import CONFIG_FILE, MODEL_FILE, OPTIMIZER_FILE, SCALER_FILE, SCHEDULER_FILE, VOCAB_FILE
+from ._state import load_pt
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """One thing wrong with a checkpoint: the file (path) and what is wrong with it."""
+
+    file: str
+    message: str
+    error: str  # the CheckpointError subclass name
+
+
+def _problem(e: CheckpointError, fallback: str) -> Problem:
+    text = str(e)
+    file, sep, message = text.partition(": ")
+    if not sep or ("/" not in file and "." not in file):
+        file, message = fallback, text
+    return Problem(file=file, message=message, error=type(e).__name__)
+
+
+def validate_checkpoint(path: str | os.PathLike[str]) -> list[Problem]:
+    """Every problem found in the checkpoint at ``path`` (empty when valid). Never raises CheckpointError."""
+    try:
+        directory = resolve(path)
+    except CheckpointError as e:
+        return [_problem(e, str(path))]
+    if not (directory / _manifest.MANIFEST).exists():
+        try:
+            _legacy.read(directory)
+        except CheckpointError as e:
+            return [_problem(e, str(directory))]
+        return []
+    try:
+        data = _manifest.read_regular(directory / _manifest.MANIFEST, _manifest.MANIFEST, _jsonio.MAX_JSON_BYTES)
+        manifest = _manifest.parse(data, where=str(directory))
+    except CheckpointError as e:
+        return [_problem(e, str(directory / _manifest.MANIFEST))]
+    files = _Files(directory, manifest, verify=True)
+    problems: list[Problem] = []
+
+    def attempt(name: str, check: Any) -> Any:
+        try:
+            return check()
+        except CheckpointError as e:
+            problems.append(_problem(e, files.label(name)))
+            return None
+
+    for name in sorted(files.entries):
+        attempt(name, lambda name=name: files.verify_file(name))
+    header = attempt(MODEL_FILE, lambda: files.read_tensors(MODEL_FILE)[0])
+    if header is not None:
+        attempt(MODEL_FILE, lambda: _check_tensor_table(files, header))
+        attempt("quantization_metadata.json", lambda: _quantization(files, manifest, header))
+    listed = files.entries
+    for name in (OPTIMIZER_FILE, SCHEDULER_FILE, SCALER_FILE):
+        if name in listed:
+            attempt(name, lambda name=name: load_pt(directory / name, files.label(name), "cpu"))
+    for name, kind in ((CONFIG_FILE, None), (VOCAB_FILE, "vocab"), (_rng.JSON_FILE, "rng")):
+        if name in listed:
+            attempt(name, lambda name=name, kind=kind: files.read_json(name, kind))
+    if _rng.JSON_FILE in listed and _rng.TENSOR_FILE in listed:
+
+        def rng_check() -> None:
+            doc = files.read_json(_rng.JSON_FILE, "rng")
+            _rng.check(files.read_tensors(_rng.TENSOR_FILE)[1], doc)
+
+        attempt(_rng.TENSOR_FILE, rng_check)
+    # one problem per file is enough: the first found is the cause of the rest
+    seen: set[str] = set()
+    unique = []
+    for p in problems:
+        if p.file not in seen:
+            seen.add(p.file)
+            unique.append(p)
+    return unique
+
+
+def inspect_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A JSON-compatible description read from the manifest and headers only (no tensor data)."""
+    directory = resolve(path)
+    if not (directory / _manifest.MANIFEST).exists():
+        ckpt = _legacy.read(directory)
+        return {
+            "path": str(directory),
+            "format_version": 0,
+            "step": ckpt.step,
+            "files": [{"name": n, "size": e["size"]} for n, e in sorted(ckpt.manifest["files"].items())],
+            "tensors": [
+                {"name": k, "dtype": _safetensors.DTYPE_NAMES.get(v.dtype, str(v.dtype)), "shape": list(v.shape)}
+                for k, v in sorted(ckpt.model_state.items())
+            ],
+            "aliases": {},
+            "quantization": None,
+        }
+    data = _manifest.read_regular(directory / _manifest.MANIFEST, _manifest.MANIFEST, _jsonio.MAX_JSON_BYTES)
+    manifest = _manifest.parse(data, where=str(directory))
+    files = _Files(directory, manifest, verify=False)
+    with files.open(MODEL_FILE) as f:
+        header, _ = _safetensors.read_header(f, manifest["files"][MODEL_FILE]["size"], files.label(MODEL_FILE))
+    quant = None
+    if manifest.get("quantization") is not None:
+        meta = _quantization(files, manifest, header)
+        assert meta is not None
+        quant = {**manifest["quantization"], **_quant_sizes(meta, header)}
+    return {
+        "path": str(directory),
+        "format_version": manifest["format_version"],
+        "step": manifest["step"],
+        "created_at": manifest["created_at"],
+        "producer": manifest["producer"],
+        "files": [{"name": n, "size": e["size"]} for n, e in sorted(manifest["files"].items())],
+        "tensors": [
+            {"name": e.name, "dtype": e.dtype, "shape": list(e.shape)}
+            for e in sorted(header.entries, key=lambda e: e.name)
+        ],
+        "aliases": manifest.get("aliases", {}),
+        "rng": manifest.get("rng", []),
+        "quantization": quant,
+        "unknown_files": sorted(set(manifest["files"]) - KNOWN_FILES),
+    }
+
+
+def _quant_sizes(meta: dict[str, Any], header: _safetensors.Header) -> dict[str, int]:
+    """Bytes of the quantized modules' stored tensors against the same weights in fp32."""
+    by_name = {e.name: e for e in header.entries}
+    stored = full = 0
+    for module in meta["modules"]:
+        shape = None
+        for role, t in module["tensors"].items():
+            entry = by_name.get(t["name"])
+            if entry is not None:
+                stored += entry.nbytes
+            if role in ("weight", "weight_packed") and module.get("shape"):
+                shape = module["shape"]
+        if shape is None:
+            shape = next((t["shape"] for r, t in module["tensors"].items() if r == "weight"), None)
+        if shape is not None:
+            n = 1
+            for d in shape:
+                n *= d
+            full += 4 * n
+    return {"quantized_bytes": stored, "float32_bytes": full}
