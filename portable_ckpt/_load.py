@@ -9,7 +9,7 @@ from __future__ import annotations
 import io
 import os
 import stat
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -80,11 +80,12 @@ class _Files:
             raise CheckpointCorruptedError(f"{path}: size mismatch: the manifest says {expected} bytes, found {found}")
         return f
 
-    def check_digest(self, name: str, digest: str) -> None:
+    def check_digest(self, name: str, digest: str, consequence: str = "") -> None:
         expected = self.entries[name]["checksum"]
         if digest != expected:
             raise CheckpointCorruptedError(
                 f"{self.label(name)}: checksum mismatch: the manifest says {expected}, the file hashes to {digest}"
+                + consequence
             )
 
     def verify_file(self, name: str) -> None:
@@ -168,10 +169,43 @@ def _quantization(files: _Files, manifest: dict[str, Any], header: _safetensors.
     return meta
 
 
+def _destinations(
+    model: nn.Module | None, header: _safetensors.Header
+) -> Callable[[_safetensors.TensorEntry], torch.Tensor | None] | None:
+    """Read straight into the model's own CPU tensors where dtype and shape agree: no second copy."""
+    if model is None:
+        return None
+    own = model.state_dict(keep_vars=True)
+
+    def target(entry: _safetensors.TensorEntry) -> torch.Tensor | None:
+        t = own.get(entry.name)
+        if (
+            t is None
+            or t.device.type != "cpu"
+            or t.dtype != _safetensors.DTYPES[entry.dtype]
+            or tuple(t.shape) != entry.shape
+            or not t.is_contiguous()
+        ):
+            return None
+        return t
+
+    return target
+
+
 def read_checkpoint(
-    directory: Path, *, map_location: Any = "cpu", verify: bool = True
+    directory: Path,
+    *,
+    map_location: Any = "cpu",
+    verify: bool = True,
+    model: nn.Module | None = None,
+    strict: bool = True,
 ) -> tuple[Checkpoint, dict[str, Any] | None]:
-    """Read and check a format-1 checkpoint directory; returns it with its RNG documents (or None)."""
+    """Read and check a format-1 checkpoint directory; returns it with its RNG documents (or None).
+
+    Every other file is read and checked before the model's tensors. Given ``model``, it is
+    converted to the checkpoint's quantized form if needed, matched against the stored names and
+    shapes, and its CPU tensors are filled in place as the bytes arrive.
+    """
     data = _manifest.read_regular(directory / _manifest.MANIFEST, _manifest.MANIFEST, _jsonio.MAX_JSON_BYTES)
     manifest = _manifest.parse(data, where=str(directory))
     dir_step = _layout.step_of(directory.name)
@@ -180,31 +214,53 @@ def read_checkpoint(
             f"{directory}/manifest.json: step is {manifest['step']} but the directory is named for step {dir_step}"
         )
     files = _Files(directory, manifest, verify)
-    header, tensors = files.read_tensors(MODEL_FILE)
-    _check_tensor_table(files, header)
-    quant = _quantization(files, manifest, header)
-    state = with_aliases(tensors, manifest.get("aliases", {}), files.label(MODEL_FILE))
-    if str(map_location) != "cpu":
-        state = {k: v.to(map_location) for k, v in state.items()}
     listed = files.entries
-    optional_pt = {
-        name: files.read_pt(name, map_location) if name in listed else None
-        for name in (OPTIMIZER_FILE, SCHEDULER_FILE, SCALER_FILE)
-    }
+    config = files.read_json(CONFIG_FILE, None) if CONFIG_FILE in listed else {}
+    if not isinstance(config, dict):
+        raise CheckpointCorruptedError(f"{files.label(CONFIG_FILE)}: expected a JSON object")
+    vocab = files.read_json(VOCAB_FILE, "vocab") if VOCAB_FILE in listed else None
     rng = None
     if _rng.JSON_FILE in listed:
         doc = files.read_json(_rng.JSON_FILE, "rng")
         _, rng_tensors = files.read_tensors(_rng.TENSOR_FILE) if _rng.TENSOR_FILE in listed else (None, {})
         _rng.check(rng_tensors, doc)
         rng = {"doc": doc, "tensors": rng_tensors}
+    optional_pt = {
+        name: files.read_pt(name, map_location) if name in listed else None
+        for name in (OPTIMIZER_FILE, SCHEDULER_FILE, SCALER_FILE)
+    }
     for name in set(listed) - KNOWN_FILES:
         files.verify_file(name)  # unknown to this reader: still verified, otherwise ignored
+
+    with files.open(MODEL_FILE) as f:
+        header, raw = _safetensors.read_header(f, listed[MODEL_FILE]["size"], files.label(MODEL_FILE))
+        _check_tensor_table(files, header)
+        quant = _quantization(files, manifest, header)
+        aliases = manifest.get("aliases", {})
+        if model is not None:
+            if quant is not None:
+                _quant.apply_quantization(model, quant)
+            shapes = {e.name: e.shape for e in header.entries}
+            shapes.update({alias: shapes[target] for alias, target in aliases.items() if target in shapes})
+            check_model_match(model, shapes, str(directory / MODEL_FILE), strict=strict)
+        file_hash = new_hasher() if verify else None
+        if file_hash is not None:
+            file_hash.update(raw)
+        tensors = _safetensors.read_tensors(
+            f, header, files.label(MODEL_FILE), file_hash=file_hash, destinations=_destinations(model, header)
+        )
+    if file_hash is not None:
+        in_place = "; the model's tensors were filled in place and hold unverified values" if model else ""
+        files.check_digest(MODEL_FILE, file_hash.hexdigest(), in_place)
+    state = with_aliases(tensors, aliases, files.label(MODEL_FILE))
+    if str(map_location) != "cpu":
+        state = {k: v.to(map_location) for k, v in state.items()}
     ckpt = Checkpoint(
         path=directory,
         format_version=manifest["format_version"],
         step=manifest["step"],
-        config=files.read_json(CONFIG_FILE, None) if CONFIG_FILE in listed else {},
-        vocab=files.read_json(VOCAB_FILE, "vocab") if VOCAB_FILE in listed else None,
+        config=config,
+        vocab=vocab,
         model_state=state,
         optimizer_state=optional_pt[OPTIMIZER_FILE],
         quantization=quant,
@@ -213,8 +269,6 @@ def read_checkpoint(
         scheduler_state=optional_pt[SCHEDULER_FILE],
         scaler_state=optional_pt[SCALER_FILE],
     )
-    if not isinstance(ckpt.config, dict):
-        raise CheckpointCorruptedError(f"{files.label(CONFIG_FILE)}: expected a JSON object")
     return ckpt, rng
 
 
@@ -251,11 +305,11 @@ def apply(
     restore_rng: bool,
 ) -> None:
     """Restore live objects from a checkpoint that has been fully read and checked."""
-    source = ckpt.path / MODEL_FILE
     if model is not None:
-        if ckpt.quantization is not None:
-            _quant.apply_quantization(model, ckpt.quantization)
-        check_model_match(model, ckpt.model_state, str(source), strict=strict)
+        if ckpt.format_version == 0:  # format 1 matched and converted the model while reading
+            shapes = {k: tuple(v.shape) for k, v in ckpt.model_state.items()}
+            check_model_match(model, shapes, str(ckpt.path / "model.pt"), strict=strict)
+        # tensors read in place are the model's own: copying them onto themselves is a no-op
         model.load_state_dict(ckpt.model_state, strict=strict)
     _restore("optimizer", optimizer, ckpt.optimizer_state, ckpt.path / OPTIMIZER_FILE)
     _restore("scheduler", scheduler, ckpt.scheduler_state, ckpt.path / SCHEDULER_FILE)
@@ -287,7 +341,7 @@ def load_checkpoint(
         ckpt = _legacy.read(directory, map_location=map_location)
         rng = None
     else:
-        ckpt, rng = read_checkpoint(directory, map_location=map_location, verify=verify)
+        ckpt, rng = read_checkpoint(directory, map_location=map_location, verify=verify, model=model, strict=strict)
     apply(
         ckpt,
         rng,

@@ -11,7 +11,7 @@ import os
 import pickle
 import struct
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 import torch
@@ -83,15 +83,15 @@ def with_aliases(
     return dict(sorted(out.items()))
 
 
-def check_model_match(model: nn.Module, state: Mapping[str, torch.Tensor], source: str, *, strict: bool) -> None:
-    """Raise one error listing every missing, unexpected and mismatched key."""
+def check_model_match(model: nn.Module, shapes: Mapping[str, Sequence[int]], source: str, *, strict: bool) -> None:
+    """Raise one error listing every missing, unexpected and mismatched key (``shapes``: stored name -> shape)."""
     own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
+    missing = sorted(set(own) - set(shapes))
+    unexpected = sorted(set(shapes) - set(own))
     mismatched = [
-        f"{k}: checkpoint {state[k].dtype} {list(state[k].shape)}, model {own[k].dtype} {list(own[k].shape)}"
-        for k in sorted(set(own) & set(state))
-        if tuple(own[k].shape) != tuple(state[k].shape)
+        f"{k}: checkpoint {list(shapes[k])}, model {list(own[k].shape)}"
+        for k in sorted(set(own) & set(shapes))
+        if tuple(own[k].shape) != tuple(shapes[k])
     ]
     problems = [f"shape mismatch: {'; '.join(mismatched)}"] if mismatched else []
     if strict:

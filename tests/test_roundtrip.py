@@ -172,3 +172,19 @@ def test_manifest_is_deterministic_apart_from_time(tmp_path, trained):
     for m in (ma, mb):
         m.pop("created_at"), m.pop("manifest_checksum")
     assert ma["files"]["model.safetensors"] == mb["files"]["model.safetensors"]
+
+
+def test_load_fills_the_models_own_tensors(tmp_path, trained):
+    """No second copy: parameters keep their identity (the optimizer still holds them) and get the values."""
+    model, optimizer = trained
+    path = save_checkpoint(model, optimizer, {}, None, 1, tmp_path)
+    torch.manual_seed(9)
+    fresh = TinyLM()
+    fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=1e-2)
+    params = list(fresh.parameters())
+    pointers = [p.data_ptr() for p in params]
+    ckpt = load_checkpoint(path, model=fresh, optimizer=fresh_opt)
+    assert list(fresh.parameters()) == params and [p.data_ptr() for p in params] == pointers
+    assert ckpt.model_state["lin.weight"].data_ptr() == fresh.lin.weight.data_ptr()
+    assert torch.equal(fresh.lin.weight, model.lin.weight)
+    assert fresh_opt.param_groups[0]["params"][0] is params[0]
