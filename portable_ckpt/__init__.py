@@ -18,7 +18,7 @@ from ._errors import (
     UnsupportedFormatVersionError,
 )
 from ._legacy import convert
-from ._load import load_checkpoint
+from ._load import load_checkpoint, prepare_model
 from ._manager import CheckpointManager, SaveHandle
 from ._manifest import FORMAT_VERSION, LIBRARY_VERSION
 from ._quant import is_quantized, quantize
@@ -44,6 +44,7 @@ __all__ = [
     "convert",
     "is_quantized",
     "load_checkpoint",
+    "prepare_model",
     "quantize",
     "save_checkpoint",
 ]

@@ -23,6 +23,7 @@ from ._errors import (
     CheckpointNotFoundError,
     QuantizationMetadataError,
     StateMismatchError,
+    UnsupportedFormatVersionError,
 )
 from ._hashing import checksum, new_hasher
 from ._save import CONFIG_FILE, MODEL_FILE, OPTIMIZER_FILE, QUANT_FILE, SCALER_FILE, SCHEDULER_FILE, VOCAB_FILE
@@ -159,7 +160,14 @@ def _quantization(files: _Files, manifest: dict[str, Any], header: _safetensors.
             f"{files.label(name)}: the quantization metadata file is missing, but the manifest says the model "
             f"is quantized (mode {summary['mode']}, {summary['bits']} bits)"
         )
-    meta = files.read_json(name, "quantization_metadata", QuantizationMetadataError)
+    meta = files.read_json(name, None, QuantizationMetadataError)
+    version = meta.get("format_version") if isinstance(meta, dict) else None
+    if type(version) is int and version > _manifest.FORMAT_VERSION:
+        raise UnsupportedFormatVersionError(
+            f"{files.label(name)}: format_version {version} is newer than this reader supports "
+            f"({_manifest.FORMAT_VERSION}); upgrade portable-ckpt to read it"
+        )
+    _schemas.validate(meta, "quantization_metadata", files.label(name), QuantizationMetadataError)
     for key in ("mode", "bits"):
         if meta.get(key) != summary[key]:
             raise QuantizationMetadataError(
@@ -192,12 +200,49 @@ def _destinations(
     return target
 
 
+def prepare_model(path: str | os.PathLike[str], model: nn.Module) -> nn.Module:
+    """Convert ``model`` to the quantized form the checkpoint at ``path`` describes (no-op if full precision).
+
+    Call it before building the optimizer when resuming a quantized run, so the optimizer holds
+    the quantized model's parameters; then ``load_checkpoint(path, model, optimizer)``.
+    """
+    directory = resolve(path)
+    if not (directory / _manifest.MANIFEST).exists():
+        return model  # format 0 has no quantization
+    data = _manifest.read_regular(directory / _manifest.MANIFEST, _manifest.MANIFEST, _jsonio.MAX_JSON_BYTES)
+    manifest = _manifest.parse(data, where=str(directory))
+    if manifest.get("quantization") is None:
+        return model
+    files = _Files(directory, manifest, verify=True)
+    with files.open(MODEL_FILE) as f:
+        header, _ = _safetensors.read_header(f, files.entries[MODEL_FILE]["size"], files.label(MODEL_FILE))
+    quant = _quantization(files, manifest, header)
+    if quant is not None:
+        _quant.apply_quantization(model, quant)
+    return model
+
+
+def _check_optimizer_params(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
+    """An optimizer built before the model was converted to quantized modules holds dead parameters."""
+    if optimizer is None:
+        return
+    own = {id(p) for p in model.parameters()}
+    foreign = sum(1 for g in optimizer.param_groups for p in g["params"] if id(p) not in own)
+    if foreign:
+        raise StateMismatchError(
+            f"the optimizer holds {foreign} parameter(s) that are not the model's; build the optimizer after "
+            "quantize(model, ...) (or after portable_ckpt.prepare_model(path, model)) so it holds the quantized "
+            "model's parameters"
+        )
+
+
 def read_checkpoint(
     directory: Path,
     *,
     map_location: Any = "cpu",
     verify: bool = True,
     model: nn.Module | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
     strict: bool = True,
 ) -> tuple[Checkpoint, dict[str, Any] | None]:
     """Read and check a format-1 checkpoint directory; returns it with its RNG documents (or None).
@@ -240,6 +285,7 @@ def read_checkpoint(
         if model is not None:
             if quant is not None:
                 _quant.apply_quantization(model, quant)
+                _check_optimizer_params(model, optimizer)
             shapes = {e.name: e.shape for e in header.entries}
             shapes.update({alias: shapes[target] for alias, target in aliases.items() if target in shapes})
             check_model_match(model, shapes, str(directory / MODEL_FILE), strict=strict)
@@ -341,7 +387,9 @@ def load_checkpoint(
         ckpt = _legacy.read(directory, map_location=map_location)
         rng = None
     else:
-        ckpt, rng = read_checkpoint(directory, map_location=map_location, verify=verify, model=model, strict=strict)
+        ckpt, rng = read_checkpoint(
+            directory, map_location=map_location, verify=verify, model=model, optimizer=optimizer, strict=strict
+        )
     apply(
         ckpt,
         rng,
