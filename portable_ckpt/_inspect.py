@@ -112,8 +112,8 @@ def inspect_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     quant = None
     if manifest.get("quantization") is not None:
         meta = _quantization(files, manifest, header)
-        assert meta is not None
-        quant = {**manifest["quantization"], **_quant_sizes(meta, header)}
+        if meta is not None:
+            quant = {**manifest["quantization"], **_quant_sizes(meta, header)}
     return {
         "path": str(directory),
         "format_version": manifest["format_version"],
@@ -132,23 +132,19 @@ def inspect_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     }
 
 
+# the tensors that represent a quantized weight (adapters, biases and QAT master weights are extra)
+_QUANTIZED_ROLES = ("weight", "weight_packed", "weight_scale", "weight_zero_point", "weight_shape")
+
+
 def _quant_sizes(meta: dict[str, Any], header: _safetensors.Header) -> dict[str, int]:
-    """Bytes of the quantized modules' stored tensors against the same weights in fp32."""
+    """Bytes of the quantized weights as stored (integers, scales, zero points) against the same weights in fp32."""
     by_name = {e.name: e for e in header.entries}
     stored = full = 0
     for module in meta["modules"]:
-        shape = None
-        for role, t in module["tensors"].items():
-            entry = by_name.get(t["name"])
-            if entry is not None:
-                stored += entry.nbytes
-            if role in ("weight", "weight_packed") and module.get("shape"):
-                shape = module["shape"]
-        if shape is None:
-            shape = next((t["shape"] for r, t in module["tensors"].items() if r == "weight"), None)
-        if shape is not None:
-            n = 1
-            for d in shape:
-                n *= d
-            full += 4 * n
+        for role in _QUANTIZED_ROLES:
+            t = module["tensors"].get(role)
+            if t is not None and t["name"] in by_name:
+                stored += by_name[t["name"]].nbytes
+        rows, cols = module["shape"]
+        full += 4 * rows * cols
     return {"quantized_bytes": stored, "float32_bytes": full}
