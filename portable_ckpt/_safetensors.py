@@ -138,9 +138,12 @@ def write_file(
     tensors: Mapping[str, torch.Tensor],
     metadata: Mapping[str, str] | None = None,
 ) -> WriteResult:
-    """Write ``tensors`` to a new file at ``path``; returns its size and checksums. Does not fsync."""
-    host = {name: _host_contiguous(t) for name, t in tensors.items()}
-    head, order = layout(host, metadata)
+    """Write ``tensors`` to a new file at ``path``; returns its size and checksums. Does not fsync.
+
+    Tensors on other devices or not contiguous are staged through host memory one at a time, so
+    the extra memory is at most the largest such tensor.
+    """
+    head, order = layout(tensors, metadata)
     file_hash = new_hasher()
     file_hash.update(head)
     checksums: dict[str, str] = {}
@@ -148,7 +151,8 @@ def write_file(
     try:
         _write_all(fd, memoryview(head))
         for name in order:
-            view = tensor_bytes(host[name])
+            host = _host_contiguous(tensors[name])
+            view = tensor_bytes(host)
             tensor_hash = new_hasher()
             tensor_hash.update(view)
             file_hash.update(view)

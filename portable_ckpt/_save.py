@@ -64,9 +64,16 @@ def _vocab(vocab: Any) -> list[str] | dict[str, int] | None:
 
 
 def _host_copy(state: Any) -> Any:
-    """A deep copy with every tensor cloned to host memory (for saves that outlive the call)."""
+    """A deep copy with every tensor cloned to host memory (for saves that outlive the call).
+
+    CUDA tensors go to pinned buffers with asynchronous copies; the caller synchronizes once.
+    """
     if isinstance(state, torch.Tensor):
-        return state.detach().to("cpu", copy=True)
+        t = state.detach()
+        if t.device.type == "cuda":
+            out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            return out.copy_(t, non_blocking=True)
+        return t.to("cpu", copy=True)
     if isinstance(state, dict):
         return {k: _host_copy(v) for k, v in state.items()}
     if isinstance(state, (list, tuple)):
@@ -100,6 +107,8 @@ def snapshot(
     if copy:
         tensors = {k: _host_copy(v) for k, v in tensors.items()}
         states = [_host_copy(s) for s in states]
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.synchronize()  # the pinned copies above are asynchronous
     return Snapshot(
         step=step,
         tensors=tensors,
