@@ -24,15 +24,19 @@ class SaveHandle:
 
     def __init__(self, future: Future[Path]) -> None:
         self._future = future
+        self.observed = False  # an error seen here is not raised again by the manager
 
     def done(self) -> bool:
         return self._future.done()
 
     def wait(self, timeout: float | None = None) -> None:
-        self._future.result(timeout)
+        self.result(timeout)
 
     def result(self, timeout: float | None = None) -> Path:
-        return self._future.result(timeout)
+        try:
+            return self._future.result(timeout)
+        finally:
+            self.observed = self._future.done()
 
 
 def _count(value: int | None, name: str) -> int | None:
@@ -62,8 +66,10 @@ class CheckpointManager:
         self.root.mkdir(parents=True, exist_ok=True)
         _layout.clean_temporaries(self.root)
         self._executor: ThreadPoolExecutor | None = None
-        self._pending: Future[Path] | None = None
+        self._pending: SaveHandle | None = None
         self._lock = threading.Lock()
+        # host buffers of the last non-blocking save, reused by the next (the previous write is over by then)
+        self._staging: dict[str, torch.Tensor] = {}
 
     def latest(self) -> Path | None:
         """The newest committed checkpoint directory, or None."""
@@ -99,16 +105,17 @@ class CheckpointManager:
                 f"step {step} is not after the newest checkpoint in {self.root} (step {steps[-1]}); "
                 "saved steps must keep increasing"
             )
+        pool = None if blocking else self._staging
         snap = _save.snapshot(
-            model, optimizer, config, vocab, step, scheduler=scheduler, scaler=scaler, extra=extra, copy=not blocking
+            model, optimizer, config, vocab, step, scheduler=scheduler, scaler=scaler, extra=extra, pool=pool
         )
         if blocking:
             return self._write(snap)
         with self._lock:
             if self._executor is None:
                 self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="portable-ckpt-save")
-            self._pending = self._executor.submit(self._write, snap)
-            return SaveHandle(self._pending)
+            self._pending = SaveHandle(self._executor.submit(self._write, snap))
+            return self._pending
 
     def _write(self, snap: _save.Snapshot) -> Path:
         path = _save.write(snap, self.root)
@@ -119,7 +126,7 @@ class CheckpointManager:
         """Block until a pending background save has committed; re-raise its error if it failed."""
         with self._lock:
             pending, self._pending = self._pending, None
-        if pending is not None:
+        if pending is not None and not pending.observed:
             pending.result()
 
     def _retain(self) -> None:

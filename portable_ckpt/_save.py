@@ -63,21 +63,24 @@ def _vocab(vocab: Any) -> list[str] | dict[str, int] | None:
     return doc
 
 
-def _host_copy(state: Any) -> Any:
-    """A deep copy with every tensor cloned to host memory (for saves that outlive the call).
+def _host_copy(state: Any, pool: dict[str, torch.Tensor], key: str) -> Any:
+    """A deep copy with every tensor copied into host buffers kept in ``pool`` under ``key``.
 
-    CUDA tensors go to pinned buffers with asynchronous copies; the caller synchronizes once.
+    Buffers are reused by the next snapshot with the same names, shapes and dtypes, so repeated
+    asynchronous saves copy into memory that is already mapped (and, for CUDA, pinned). CUDA
+    copies are asynchronous; the caller synchronizes once.
     """
     if isinstance(state, torch.Tensor):
         t = state.detach()
-        if t.device.type == "cuda":
-            out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-            return out.copy_(t, non_blocking=True)
-        return t.to("cpu", copy=True)
+        buf = pool.get(key)
+        if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
+            buf = torch.empty(t.shape, dtype=t.dtype, pin_memory=t.device.type == "cuda")
+            pool[key] = buf
+        return buf.copy_(t, non_blocking=t.device.type == "cuda")
     if isinstance(state, dict):
-        return {k: _host_copy(v) for k, v in state.items()}
+        return {k: _host_copy(v, pool, f"{key}/{k}") for k, v in state.items()}
     if isinstance(state, (list, tuple)):
-        return type(state)(_host_copy(v) for v in state)
+        return type(state)(_host_copy(v, pool, f"{key}/{i}") for i, v in enumerate(state))
     return state
 
 
@@ -91,9 +94,10 @@ def snapshot(
     scheduler: Stateful | None = None,
     scaler: Stateful | None = None,
     extra: Any = None,
-    copy: bool = False,
+    pool: dict[str, torch.Tensor] | None = None,
 ) -> Snapshot:
-    """Capture the state; with ``copy=True`` every tensor is cloned so training may go on meanwhile."""
+    """Capture the state. Given a buffer ``pool``, every tensor is copied into it, so training may go on
+    while the snapshot is written; without one, the snapshot refers to the live tensors."""
     if type(step) is not int or step < 0:
         raise CheckpointInputError(f"step must be an int >= 0, found {step!r}")
     tensors, aliases = model_state(model)
@@ -104,9 +108,9 @@ def snapshot(
         scheduler.state_dict() if scheduler is not None else None,
         scaler.state_dict() if scaler is not None else None,
     ]
-    if copy:
-        tensors = {k: _host_copy(v) for k, v in tensors.items()}
-        states = [_host_copy(s) for s in states]
+    if pool is not None:
+        tensors = {k: _host_copy(v, pool, f"model/{k}") for k, v in tensors.items()}
+        states = [_host_copy(s, pool, f"state{i}") for i, s in enumerate(states)]
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             torch.cuda.synchronize()  # the pinned copies above are asynchronous
     return Snapshot(

@@ -143,3 +143,35 @@ def test_async_save_error_is_reraised(tmp_path):
     with pytest.raises(FileExistsError, match=r"a checkpoint for step 1 already exists"):
         handle.wait()
     assert not [n for n in os.listdir(tmp_path) if n.startswith(".tmp-")]
+
+
+def test_consecutive_async_saves_each_keep_their_own_values(tmp_path):
+    model = TinyLM()
+    handles = []
+    with CheckpointManager(tmp_path) as manager:
+        for step in range(4):
+            with torch.no_grad():
+                model.lin.weight.fill_(float(step))
+            handles.append(manager.save(model, None, {}, None, step, blocking=False))
+            with torch.no_grad():
+                model.lin.weight.fill_(-1.0)  # changed while the write runs; the checkpoint must not see it
+    for step, handle in enumerate(handles):
+        stored = load_checkpoint(handle.result()).model_state["lin.weight"]
+        assert torch.equal(stored, torch.full((6, 6), float(step)))
+
+
+def test_an_async_error_seen_through_the_handle_is_not_raised_again(tmp_path):
+    manager = CheckpointManager(tmp_path)
+    (tmp_path / "step-00000001").mkdir()
+    handle = manager.save(TinyLM(), None, {}, None, 1, blocking=False)
+    with pytest.raises(FileExistsError):
+        handle.result()
+    assert manager.save(TinyLM(), None, {}, None, 2) == tmp_path / "step-00000002"
+
+
+def test_an_unobserved_async_error_surfaces_at_the_next_call(tmp_path):
+    manager = CheckpointManager(tmp_path)
+    (tmp_path / "step-00000001").mkdir()
+    manager.save(TinyLM(), None, {}, None, 1, blocking=False)
+    with pytest.raises(FileExistsError, match=r"step 1 already exists"):
+        manager.wait()
