@@ -6,11 +6,10 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from . import _jsonio, _legacy, _manifest, _rng, _safetensors
+from . import _jsonio, _legacy, _manifest, _safetensors
 from ._errors import CheckpointError
-from ._load import KNOWN_FILES, _check_tensor_table, _Files, _quantization, resolve
-from ._save import CONFIG_FILE, MODEL_FILE, OPTIMIZER_FILE, SCALER_FILE, SCHEDULER_FILE, VOCAB_FILE
-from ._state import load_pt
+from ._load import KNOWN_FILES, _Files, _quantization, read_checkpoint, resolve
+from ._save import MODEL_FILE
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,42 +48,18 @@ def validate_checkpoint(path: str | os.PathLike[str]) -> list[Problem]:
         return [_problem(e, str(directory / _manifest.MANIFEST))]
     files = _Files(directory, manifest, verify=True)
     problems: list[Problem] = []
-
-    def attempt(name: str, check: Any) -> Any:
+    for name in sorted(files.entries):  # every file's kind, size and checksum, each reported
         try:
-            return check()
+            files.verify_file(name)
         except CheckpointError as e:
             problems.append(_problem(e, files.label(name)))
-            return None
-
-    for name in sorted(files.entries):
-        attempt(name, lambda name=name: files.verify_file(name))
-    header = attempt(MODEL_FILE, lambda: files.read_tensors(MODEL_FILE)[0])
-    if header is not None:
-        attempt(MODEL_FILE, lambda: _check_tensor_table(files, header))
-        attempt("quantization_metadata.json", lambda: _quantization(files, manifest, header))
-    listed = files.entries
-    for name in (OPTIMIZER_FILE, SCHEDULER_FILE, SCALER_FILE):
-        if name in listed:
-            attempt(name, lambda name=name: load_pt(directory / name, files.label(name), "cpu"))
-    for name, kind in ((CONFIG_FILE, None), (VOCAB_FILE, "vocab"), (_rng.JSON_FILE, "rng")):
-        if name in listed:
-            attempt(name, lambda name=name, kind=kind: files.read_json(name, kind))
-    if _rng.JSON_FILE in listed and _rng.TENSOR_FILE in listed:
-
-        def rng_check() -> None:
-            doc = files.read_json(_rng.JSON_FILE, "rng")
-            _rng.check(files.read_tensors(_rng.TENSOR_FILE)[1], doc)
-
-        attempt(_rng.TENSOR_FILE, rng_check)
-    # one problem per file is enough: the first found is the cause of the rest
-    seen: set[str] = set()
-    unique = []
-    for p in problems:
-        if p.file not in seen:
-            seen.add(p.file)
-            unique.append(p)
-    return unique
+    if problems:
+        return problems
+    try:  # then every structural check a load makes, on the verified files
+        read_checkpoint(directory, verify=False)
+    except CheckpointError as e:
+        return [_problem(e, str(directory))]
+    return []
 
 
 def inspect_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:

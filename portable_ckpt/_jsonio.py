@@ -53,6 +53,13 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text[:40]} is out of range")
+    return value
+
+
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in pairs:
@@ -71,10 +78,16 @@ def loads(data: bytes, filename: str) -> Any:
     except UnicodeDecodeError as e:
         raise CheckpointCorruptedError(f"{filename}: not UTF-8 (byte {e.start})") from None
     try:
-        return json.loads(text, parse_constant=_reject_constant, object_pairs_hook=_no_duplicates)
+        doc = json.loads(
+            text, parse_constant=_reject_constant, parse_float=_finite_float, object_pairs_hook=_no_duplicates
+        )
+        dumps(doc)  # refuses what cannot be written back: lone surrogates ("\\ud800")
+        return doc
     except json.JSONDecodeError as e:
         raise CheckpointCorruptedError(
             f"{filename}: invalid JSON: {e.msg} at line {e.lineno} column {e.colno}"
         ) from None
+    except UnicodeEncodeError:
+        raise CheckpointCorruptedError(f"{filename}: invalid JSON: a string holds a lone surrogate") from None
     except (ValueError, RecursionError) as e:
         raise CheckpointCorruptedError(f"{filename}: invalid JSON: {e}") from None

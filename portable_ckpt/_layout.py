@@ -19,7 +19,7 @@ from pathlib import Path
 
 from ._errors import CheckpointExistsError, CheckpointNotFoundError, CheckpointWriteError
 
-STEP_DIR = re.compile(r"^step-([0-9]{8,})$")
+STEP_DIR = re.compile(r"step-([0-9]{8,})")  # matched whole (fullmatch): "$" would accept a trailing newline
 LATEST = "latest"
 LOCK = ".lock"
 TMP_PREFIX = ".tmp-"  # a save in progress (or crashed)
@@ -31,7 +31,7 @@ def step_name(step: int) -> str:
 
 
 def step_of(name: str) -> int | None:
-    m = STEP_DIR.match(name)
+    m = STEP_DIR.fullmatch(name)
     return int(m.group(1)) if m else None
 
 
@@ -73,7 +73,7 @@ def read_latest(root: Path) -> Path | None:
     """The checkpoint ``latest`` names, if it is committed; else the highest committed step; else None."""
     try:
         name = (root / LATEST).read_text(encoding="utf-8").strip()
-    except (FileNotFoundError, UnicodeDecodeError):
+    except (OSError, UnicodeDecodeError):  # missing, a directory, unreadable: fall back to the scan
         name = ""
     if step_of(name) is not None and (root / name / "manifest.json").is_file():
         return root / name

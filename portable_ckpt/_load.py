@@ -150,6 +150,17 @@ def _check_tensor_table(files: _Files, header: _safetensors.Header) -> None:
         )
 
 
+def _check_aliases(files: _Files, header: _safetensors.Header, aliases: Mapping[str, str]) -> None:
+    stored = set(header.names())
+    for alias, target in aliases.items():
+        if target not in stored:
+            raise CheckpointCorruptedError(
+                f'{files.label(MODEL_FILE)}: alias "{alias}" points at "{target}", which is not stored'
+            )
+        if alias in stored:
+            raise CheckpointCorruptedError(f'{files.label(MODEL_FILE)}: alias "{alias}" is also stored as a tensor')
+
+
 def _quantization(files: _Files, manifest: dict[str, Any], header: _safetensors.Header) -> dict[str, Any] | None:
     summary = manifest.get("quantization")
     if summary is None:
@@ -270,18 +281,24 @@ def read_checkpoint(
         _, rng_tensors = files.read_tensors(_rng.TENSOR_FILE) if _rng.TENSOR_FILE in listed else (None, {})
         _rng.check(rng_tensors, doc)
         rng = {"doc": doc, "tensors": rng_tensors}
+    consumed = {CONFIG_FILE, VOCAB_FILE, OPTIMIZER_FILE, SCHEDULER_FILE, SCALER_FILE, MODEL_FILE}
+    if rng is not None:
+        consumed |= {_rng.JSON_FILE, _rng.TENSOR_FILE}
+    if manifest.get("quantization") is not None:
+        consumed.add(manifest["quantization"]["metadata_file"])
     optional_pt = {
         name: files.read_pt(name, map_location) if name in listed else None
         for name in (OPTIMIZER_FILE, SCHEDULER_FILE, SCALER_FILE)
     }
-    for name in set(listed) - KNOWN_FILES:
-        files.verify_file(name)  # unknown to this reader: still verified, otherwise ignored
+    for name in sorted(set(listed) - consumed):
+        files.verify_file(name)  # listed but not used by this reader: still verified, otherwise ignored
 
     with files.open(MODEL_FILE) as f:
         header, raw = _safetensors.read_header(f, listed[MODEL_FILE]["size"], files.label(MODEL_FILE))
         _check_tensor_table(files, header)
-        quant = _quantization(files, manifest, header)
         aliases = manifest.get("aliases", {})
+        _check_aliases(files, header, aliases)
+        quant = _quantization(files, manifest, header)
         if model is not None:
             if quant is not None:
                 _quant.apply_quantization(model, quant)

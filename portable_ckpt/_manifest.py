@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
+import re
 import stat
 from pathlib import Path
 from typing import Any
@@ -24,10 +25,22 @@ def now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
+# The file ends with its checksum as the top-level object's last member, so a reader checks the
+# exact bytes it read: body = everything before this trailer, plus "}\n".
+_TRAILER = re.compile(rb',"manifest_checksum":"([0-9a-f]{32})"\}\n\Z')
+FILE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]*(\.[A-Za-z0-9_-]+)*")  # the schema's pattern, matched whole
+
+
 def seal(doc: dict[str, Any]) -> dict[str, Any]:
     """Add ``manifest_checksum``: XXH3-128 of the canonical bytes of every other field."""
     body = {k: v for k, v in doc.items() if k != "manifest_checksum"}
     return {**body, "manifest_checksum": checksum(_jsonio.dumps(body))}
+
+
+def encode(doc: dict[str, Any]) -> bytes:
+    """The bytes of manifest.json: the canonical body, its checksum appended as the last member."""
+    body = _jsonio.dumps({k: v for k, v in doc.items() if k != "manifest_checksum"})
+    return body[:-2] + b',"manifest_checksum":"' + checksum(body).encode("ascii") + b'"}\n'
 
 
 def build(
@@ -87,10 +100,19 @@ def parse(data: bytes, *, where: str) -> dict[str, Any]:
             "upgrade portable-ckpt to read it"
         )
     _schemas.validate(doc, "manifest", label)
-    expected = seal(doc)["manifest_checksum"]
+    trailer = _TRAILER.search(data)
+    if trailer is None or trailer.group(1).decode("ascii") != doc["manifest_checksum"]:
+        raise CheckpointCorruptedError(
+            f'{label}: the file must end with ,"manifest_checksum":"<32 hex digits>"}} and a newline '
+            "(the checksum is the last member); the manifest was modified or damaged"
+        )
+    expected = checksum(data[: trailer.start()] + b"}\n")
     if doc["manifest_checksum"] != expected:
         raise CheckpointCorruptedError(
             f"{label}: manifest_checksum is {doc['manifest_checksum']} but the manifest's content hashes to "
             f"{expected}; the manifest was modified or damaged"
         )
+    for name in doc["files"]:
+        if not FILE_NAME.fullmatch(name):
+            raise CheckpointCorruptedError(f"{label}: file name {name!r} is not allowed (expected {FILE_NAME.pattern})")
     return doc

@@ -196,7 +196,7 @@ def write(snap: Snapshot, directory: str | os.PathLike[str], *, overwrite: bool 
             quantization=summary,
             extra=snap.extra,
         )
-        _layout.write_file(tmp / _manifest.MANIFEST, _jsonio.dumps(doc))
+        _layout.write_file(tmp / _manifest.MANIFEST, _manifest.encode(doc))
         final = _layout.commit(tmp, root, snap.step, overwrite=overwrite)
         tmp = None
         return final

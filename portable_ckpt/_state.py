@@ -141,10 +141,14 @@ def load_pt(path: str | os.PathLike[str], filename: str, map_location: Any) -> A
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        # torch's first line advises weights_only=False; the line naming the refused global is the reason
+        reason = next(
+            (ln for ln in lines if "GLOBAL" in ln or "global" in ln), lines[-1] if lines else type(e).__name__
+        )
         raise CheckpointCorruptedError(
             f"{filename}: refused to unpickle (only tensors and plain containers are allowed; "
-            f"no code from a checkpoint is ever run): {first[:300]}"
+            f"no code from a checkpoint is ever run): {reason[:300]}"
         ) from None
     except TORCH_LOAD_ERRORS as e:
         raise CheckpointCorruptedError(

@@ -7,9 +7,15 @@ the checkpoint restores that generator, so nothing else needs saving.
 
 Bitwise reproducibility also assumes the same torch build, the same device (CPU) and the same
 ``torch.get_num_threads()``: the thread count changes how float reductions are split. This module
-sets no global torch options; a caller comparing two runs must hold those fixed itself.
+sets no global torch options; a caller comparing two runs must hold those fixed itself (the
+command line's ``--threads``).
 
-    python -m portable_ckpt._trainer RUN_DIR [--steps N] [--kill-at STEP] [--save-every K]
+``finetune`` continues from a trained checkpoint with a quantized model: integer weights frozen and
+LoRA adapters trained (mode "lora"), or float master weights trained through fake quantization
+(mode "qat"), checkpointed and resumable exactly like ``train``.
+
+    python -m portable_ckpt._trainer RUN_DIR [--steps N] [--kill-at STEP] [--save-every K] [--threads T]
+                                     [--config JSON] [--finetune-from CKPT --bits 8|4 --mode lora|qat]
 """
 
 from __future__ import annotations
@@ -21,16 +27,21 @@ import math
 import os
 import signal
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._load import load_checkpoint, prepare_model
 from ._manager import CheckpointManager
+from ._qmodules import QuantizedModule
+from ._quant import quantize
+from ._save import save_checkpoint
 
 LOSSES_FILE = "losses.jsonl"
 
@@ -193,8 +204,8 @@ def make_model(cfg: TrainConfig, vocab_size: int) -> CharTransformer:
 # --- optimisation -------------------------------------------------------------------------------
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW; weight decay on matrices and embeddings only, not on biases or LayerNorm gains."""
-    params = list(model.parameters())  # yields the tied tensor once
+    """AdamW over the trainable parameters; weight decay on matrices and embeddings, not biases or LayerNorm gains."""
+    params = [p for p in model.parameters() if p.requires_grad]  # yields the tied tensor once
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
@@ -273,14 +284,33 @@ def evaluate(
 
 # --- the checkpointed run -----------------------------------------------------------------------
 
-def train(
-    run_dir: str | Path,
-    cfg: TrainConfig = TrainConfig(),
-    *,
-    kill_at: int | None = None,
-    log: Callable[[str], None] | None = None,
+@dataclass(slots=True)
+class Job:
+    """What a run trains, freshly built: ``run`` restores it from the newest checkpoint, then trains it."""
+
+    cfg: TrainConfig
+    model: CharTransformer
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    vocab: list[str]
+    data: torch.Tensor
+    config: dict[str, Any]  # what each checkpoint stores as its config
+
+
+def new_job(cfg: TrainConfig) -> Job:
+    """A model trained from scratch: seed, data, model, optimizer, schedule (in that order)."""
+    torch.manual_seed(cfg.seed)
+    vocab, train_data, _ = prepare_data()
+    model = make_model(cfg, len(vocab))
+    optimizer = make_optimizer(model, cfg)
+    scheduler = make_scheduler(optimizer, cfg)
+    return Job(cfg, model, optimizer, scheduler, vocab, train_data, dataclasses.asdict(cfg))
+
+
+def run(
+    run_dir: str | Path, job: Job, *, kill_at: int | None = None, log: Callable[[str], None] | None = None
 ) -> list[tuple[int, float]]:
-    """Train to ``cfg.total_steps``, resuming from the newest checkpoint in ``run_dir/checkpoints``.
+    """Train ``job`` to ``cfg.total_steps``, resuming from the newest checkpoint in ``run_dir/checkpoints``.
 
     Each step appends ``{"step", "loss"}`` to ``run_dir/losses.jsonl`` (fsync'd) and saves when
     ``step % save_every == 0`` or it is the last step. ``kill_at=K`` SIGKILLs this process at the
@@ -289,16 +319,12 @@ def train(
     before one, anything else mid-interval. Returns the (step, loss) pairs this process computed.
     """
     run_dir = Path(run_dir)
-    torch.manual_seed(cfg.seed)
-    vocab, train_data, _ = prepare_data()
-    model = make_model(cfg, len(vocab))
-    optimizer = make_optimizer(model, cfg)
-    scheduler = make_scheduler(optimizer, cfg)
+    cfg = job.cfg
     with (CheckpointManager(run_dir / "checkpoints", keep_last=cfg.keep_last) as manager,
           open(run_dir / LOSSES_FILE, "a", encoding="utf-8") as losses):
         # Restores weights, optimizer, schedule and the global RNGs, so the next batch and dropout
         # mask are the ones the uninterrupted run would draw.
-        ckpt = manager.restore(model, optimizer, scheduler=scheduler)
+        ckpt = manager.restore(job.model, job.optimizer, scheduler=job.scheduler)
         start = ckpt.step + 1 if ckpt is not None else 0
         if log is not None:
             log(f"resuming after step {start - 1}" if ckpt is not None else "starting from scratch")
@@ -308,47 +334,195 @@ def train(
             losses.flush()
             os.fsync(losses.fileno())
             if log is not None:
-                log(f"step {step:5d}  loss {loss:.4f}  lr {scheduler.get_last_lr()[0]:.2e}")
+                log(f"step {step:5d}  loss {loss:.4f}  lr {job.scheduler.get_last_lr()[0]:.2e}")
             if step % cfg.save_every == 0 or step == cfg.total_steps - 1:
-                manager.save(model, optimizer, dataclasses.asdict(cfg), vocab, step, scheduler=scheduler)
+                manager.save(job.model, job.optimizer, job.config, job.vocab, step, scheduler=job.scheduler)
             if step == kill_at:
                 os.kill(os.getpid(), signal.SIGKILL)
 
-        return train_steps(model, optimizer, scheduler, train_data, cfg, range(start, cfg.total_steps),
+        return train_steps(job.model, job.optimizer, job.scheduler, job.data, cfg, range(start, cfg.total_steps),
                            after_step=after_step)
+
+
+def train(
+    run_dir: str | Path,
+    cfg: TrainConfig = TrainConfig(),
+    *,
+    kill_at: int | None = None,
+    log: Callable[[str], None] | None = None,
+) -> list[tuple[int, float]]:
+    """Train from scratch (or resume) in ``run_dir``; see ``run`` for the logging, saving and ``kill_at``."""
+    return run(run_dir, new_job(cfg), kill_at=kill_at, log=log)
 
 
 def read_losses(run_dir: str | Path) -> dict[int, float]:
     """step -> loss from ``run_dir/losses.jsonl``; a step logged twice keeps its last (resumed) value."""
-    out: dict[int, float] = {}
+    return dict(read_loss_log(run_dir))
+
+
+def read_loss_log(run_dir: str | Path) -> list[tuple[int, float]]:
+    """Every (step, loss) line of ``run_dir/losses.jsonl`` in order, steps a resumed run repeated included."""
+    out: list[tuple[int, float]] = []
     with open(Path(run_dir) / LOSSES_FILE, encoding="utf-8") as f:
         for line in f:
             if not line.endswith("\n"):
                 break  # a line torn by a crash mid-write; every complete line ends in "\n"
             record = json.loads(line)
-            out[record["step"]] = record["loss"]
+            out.append((record["step"], record["loss"]))
     return out
 
 
+# --- quantized fine-tuning ----------------------------------------------------------------------
+
+# The head shares the token embedding's weight, and two quantized modules cannot share one tensor,
+# so both stay in floating point (a common choice anyway: they are small here and sensitive).
+FLOAT_MODULES = ("tok_emb", "lm_head")
+
+
+def config_from(doc: Mapping[str, Any]) -> TrainConfig:
+    """The TrainConfig in a checkpoint's config (other keys, like ``finetune``, are ignored)."""
+    return TrainConfig(**{f.name: doc[f.name] for f in dataclasses.fields(TrainConfig) if f.name in doc})
+
+
+def finetune_config(base: TrainConfig) -> TrainConfig:
+    """The fine-tuning defaults on ``base``'s architecture: 30 steps at a lower rate, fresh batches."""
+    return dataclasses.replace(base, seed=base.seed + 1, lr=1e-3, warmup_steps=3, total_steps=30, save_every=10)
+
+
+def finetune_job(
+    base: str | Path,
+    cfg: TrainConfig,
+    *,
+    bits: int = 8,
+    mode: str = "lora",
+    group_size: int | None = None,
+    symmetric: bool = True,
+) -> Job:
+    """The float model with ``base``'s weights, quantized for training in ``mode``; optimizer built after.
+
+    mode "lora": only the adapters and the quantized modules' biases train; everything else
+    (integers, scales, the float embedding and LayerNorms) stays as loaded. mode "qat": every
+    parameter trains, the quantized modules' float master weights through fake quantization.
+    """
+    torch.manual_seed(cfg.seed)
+    vocab, train_data, _ = prepare_data()
+    model = make_model(cfg, len(vocab))
+    load_checkpoint(base, model, restore_rng=False)
+    quantize(model, bits=bits, mode=mode, group_size=group_size, symmetric=symmetric, ignore=FLOAT_MODULES)
+    if mode == "lora":
+        for module in model.modules():
+            if not isinstance(module, QuantizedModule):
+                for p in module.parameters(recurse=False):
+                    p.requires_grad_(False)
+    optimizer = make_optimizer(model, cfg)
+    scheduler = make_scheduler(optimizer, cfg)
+    settings = {"base": str(base), "bits": bits, "mode": mode, "group_size": group_size, "symmetric": symmetric}
+    return Job(cfg, model, optimizer, scheduler, vocab, train_data, {**dataclasses.asdict(cfg), "finetune": settings})
+
+
+def finetune(
+    run_dir: str | Path,
+    base: str | Path,
+    cfg: TrainConfig,
+    *,
+    bits: int = 8,
+    mode: str = "lora",
+    group_size: int | None = None,
+    symmetric: bool = True,
+    kill_at: int | None = None,
+    log: Callable[[str], None] | None = None,
+) -> list[tuple[int, float]]:
+    """Fine-tune the checkpoint ``base`` quantized (see ``finetune_job``) in ``run_dir``, resuming if possible.
+
+    A resumed run rebuilds the same quantized model from ``base``, then the checkpoint overwrites
+    every tensor of it; logging, saving and ``kill_at`` are those of ``run``.
+    """
+    job = finetune_job(base, cfg, bits=bits, mode=mode, group_size=group_size, symmetric=symmetric)
+    return run(run_dir, job, kill_at=kill_at, log=log)
+
+
+def quantized_base(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The integer codes, scales and zero points of ``model``'s quantized modules (what LoRA keeps frozen)."""
+    return {
+        f"{name}.{role}": tensor
+        for name, module in model.named_modules()
+        if isinstance(module, QuantizedModule)
+        for role, tensor in module.named_buffers(recurse=False)
+    }
+
+
+def export_ptq(
+    src: str | Path, directory: str | Path, *, bits: int = 8, group_size: int | None = None, symmetric: bool = True
+) -> Path:
+    """Save a post-training-quantized (inference) copy of the float checkpoint ``src`` under ``directory``."""
+    ckpt = load_checkpoint(src, restore_rng=False)
+    vocab = list(ckpt.vocab or [])
+    with torch.random.fork_rng(devices=[]):  # building a model draws initial weights
+        model = make_model(config_from(ckpt.config), len(vocab))
+    model.load_state_dict(ckpt.model_state)
+    quantize(model, bits=bits, group_size=group_size, symmetric=symmetric, ignore=FLOAT_MODULES)
+    return save_checkpoint(model, None, ckpt.config, vocab, ckpt.step, directory)
+
+
+def eval_loss(path: str | Path, *, batches: int = 8) -> float:
+    """Validation loss of the checkpoint at ``path`` (float or quantized), on ``batches`` fixed batches."""
+    ckpt = load_checkpoint(path, restore_rng=False)
+    cfg = config_from(ckpt.config)
+    _, _, val_data = prepare_data()
+    with torch.random.fork_rng(devices=[]):
+        model = make_model(cfg, len(ckpt.vocab or []))
+    prepare_model(ckpt.path, model)
+    model.load_state_dict(ckpt.model_state)
+    return evaluate(model, val_data, cfg, batches=batches)
+
+
+# --- command line -------------------------------------------------------------------------------
+
 def main(argv: list[str] | None = None) -> int:
-    """Train (or resume) one run; progress goes to stderr, one JSON summary line to stdout."""
-    defaults = TrainConfig()
+    """Train, or fine-tune, one run (resuming if possible); progress to stderr, a JSON summary line to stdout."""
     parser = argparse.ArgumentParser(prog="python -m portable_ckpt._trainer",
                                      description="Train the reference char-level LM, resuming if possible.")
     parser.add_argument("run_dir", type=Path, help="holds checkpoints/ and losses.jsonl")
-    parser.add_argument("--steps", type=int, default=defaults.total_steps, metavar="N",
-                        help="total steps (default %(default)s)")
+    parser.add_argument("--steps", type=int, default=None, metavar="N",
+                        help="total steps (default 60; 30 when fine-tuning)")
     parser.add_argument("--kill-at", type=int, default=None, metavar="STEP",
                         help="SIGKILL this process at the end of STEP (after its loss line and its save)")
-    parser.add_argument("--save-every", type=int, default=defaults.save_every, metavar="K",
-                        help="save when step %% K == 0 and at the last step (default %(default)s)")
+    parser.add_argument("--save-every", type=int, default=None, metavar="K",
+                        help="save when step %% K == 0 and at the last step (default 10)")
+    parser.add_argument("--config", type=json.loads, default={}, metavar="JSON",
+                        help='other TrainConfig fields as a JSON object, e.g. \'{"n_layer": 1}\'')
+    parser.add_argument("--threads", type=int, default=None, metavar="T",
+                        help="torch intra-op threads; runs compared bit for bit need the same count")
+    tune = parser.add_argument_group("quantized fine-tuning")
+    tune.add_argument("--finetune-from", type=Path, default=None, metavar="CKPT",
+                      help="fine-tune this float checkpoint (or checkpoints root), quantized")
+    tune.add_argument("--bits", type=int, choices=[8, 4], default=8)
+    tune.add_argument("--mode", choices=["lora", "qat"], default="lora")
+    tune.add_argument("--group-size", type=int, default=None, metavar="G", help="default: one scale per channel")
+    tune.add_argument("--asymmetric", action="store_true", help="use zero points")
     args = parser.parse_args(argv)
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    defaults = TrainConfig()
+    if args.finetune_from is not None:
+        defaults = finetune_config(config_from(load_checkpoint(args.finetune_from, restore_rng=False).config))
+    overrides = {"total_steps": args.steps, "save_every": args.save_every}
     try:
-        cfg = dataclasses.replace(defaults, total_steps=args.steps, save_every=args.save_every)
-    except ValueError as e:
+        if not isinstance(args.config, dict):
+            raise ValueError(f"--config must be a JSON object, found {args.config!r}")
+        cfg = dataclasses.replace(defaults, **args.config, **{k: v for k, v in overrides.items() if v is not None})
+    except (TypeError, ValueError) as e:
         parser.error(str(e))
-    history = train(args.run_dir, cfg, kill_at=args.kill_at,
-                    log=lambda line: print(line, file=sys.stderr, flush=True))
+
+    def log(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    if args.finetune_from is None:
+        history = train(args.run_dir, cfg, kill_at=args.kill_at, log=log)
+    else:
+        history = finetune(args.run_dir, args.finetune_from, cfg, bits=args.bits, mode=args.mode,
+                           group_size=args.group_size, symmetric=not args.asymmetric, kill_at=args.kill_at, log=log)
     last_step, last_loss = history[-1] if history else (None, None)
     print(json.dumps({"run_dir": str(args.run_dir), "steps_run": len(history),
                       "last_step": last_step, "last_loss": last_loss}))

@@ -24,13 +24,13 @@ from portable_ckpt import (
     load_checkpoint,
     save_checkpoint,
 )
-from portable_ckpt._manifest import seal
+from portable_ckpt._manifest import encode
 
 
 def _rewrite_manifest(path: Path, change) -> None:
     doc = json.loads((path / "manifest.json").read_text())
     change(doc)
-    (path / "manifest.json").write_text(json.dumps(seal(doc)))
+    (path / "manifest.json").write_bytes(encode(doc))
 
 
 @pytest.fixture

@@ -22,7 +22,7 @@ from portable_ckpt import (
     quantize,
     save_checkpoint,
 )
-from portable_ckpt._manifest import seal
+from portable_ckpt._manifest import encode
 from portable_ckpt.cli import main
 
 COMBOS = list(itertools.product([8, 4], [True, False], [None, 16]))
@@ -148,7 +148,7 @@ def _requantized(path: Path, change) -> None:
     from portable_ckpt._hashing import checksum
 
     manifest["files"]["quantization_metadata.json"] = {"size": len(data), "checksum": checksum(data)}
-    (path / "manifest.json").write_text(json.dumps(seal(manifest)))
+    (path / "manifest.json").write_bytes(encode(manifest))
 
 
 @pytest.fixture
