@@ -60,7 +60,8 @@ def _finite_float(text: str) -> float:
     return value
 
 
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """object_pairs_hook for json.loads that refuses duplicate keys (two readers could pick different ones)."""
     out: dict[str, Any] = {}
     for k, v in pairs:
         if k in out:
@@ -79,7 +80,7 @@ def loads(data: bytes, filename: str) -> Any:
         raise CheckpointCorruptedError(f"{filename}: not UTF-8 (byte {e.start})") from None
     try:
         doc = json.loads(
-            text, parse_constant=_reject_constant, parse_float=_finite_float, object_pairs_hook=_no_duplicates
+            text, parse_constant=_reject_constant, parse_float=_finite_float, object_pairs_hook=unique_keys
         )
         dumps(doc)  # refuses what cannot be written back: lone surrogates ("\\ud800")
         return doc

@@ -19,6 +19,7 @@ import torch
 
 from ._errors import CheckpointCorruptedError, CheckpointInputError
 from ._hashing import Hasher, new_hasher
+from ._jsonio import unique_keys
 
 # safetensors dtype name -> torch dtype, listed in the order of the format's dtype enum.
 # Tensors are laid out by this order descending, then by name (as the reference writer does).
@@ -168,15 +169,6 @@ def _bad(filename: str, what: str) -> CheckpointCorruptedError:
     return CheckpointCorruptedError(f"{filename}: {what}")
 
 
-def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
-    out: dict[str, object] = {}
-    for key, value in pairs:
-        if key in out:
-            raise ValueError(f"duplicate tensor name {key!r}")
-        out[key] = value
-    return out
-
-
 def _parse_entry(filename: str, name: object, raw: object, data_start: int) -> TensorEntry:
     if not isinstance(name, str) or not name:
         raise _bad(filename, f"tensor name {name!r} is not a non-empty string")
@@ -216,7 +208,7 @@ def parse_header(prefix: bytes, file_size: int, filename: str) -> Header:
     if 8 + length > file_size or len(prefix) < 8 + length:
         raise _bad(filename, f"header length {length} runs past the end of the file ({file_size} bytes)")
     try:
-        doc = json.loads(prefix[8 : 8 + length].decode("utf-8"), object_pairs_hook=_unique_keys)
+        doc = json.loads(prefix[8 : 8 + length].decode("utf-8"), object_pairs_hook=unique_keys)
     except UnicodeDecodeError as e:
         raise _bad(filename, f"header is not UTF-8 (byte {e.start + 8})") from None
     except (ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError; so are duplicate names
