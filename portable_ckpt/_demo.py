@@ -27,7 +27,7 @@ import torch
 from . import _trainer
 from ._inspect import inspect_checkpoint
 from ._load import load_checkpoint
-from .cli import _human_size, cmd_inspect, cmd_validate
+from .cli import cmd_inspect, cmd_validate, human_size
 
 FLOAT_STEPS = 60
 THREADS = 1  # every training process uses the same count: it decides how float reductions are split
@@ -96,8 +96,8 @@ class Demo:
                  f"after {time.monotonic() - started:.1f} s")
         return status
 
-    def resume_chapter(self, name: str, args: list[str], steps: int) -> tuple[bool, Path]:
-        """Uninterrupted run vs SIGKILL + resume: progress, both loss curves, the verdict. (identical?, final)"""
+    def resume_chapter(self, name: str, args: list[str], steps: int) -> tuple[bool, Path | None]:
+        """Uninterrupted run vs SIGKILL + resume: progress, loss curves, verdict. (identical?, final root or None)"""
         save_every, kill_at = plan(steps)
         args = [*args, "--steps", str(steps), "--save-every", str(save_every)]
         straight, broken = self.run / name / "uninterrupted", self.run / name / "interrupted"
@@ -106,18 +106,18 @@ class Demo:
         self.say(f"uninterrupted run -> {straight}")
         if self.train(straight, "uninterrupted", args, last_step=steps - 1) != 0:
             self.say("FAILED: the uninterrupted run did not finish")
-            return False, straight
+            return False, None
         self.say(f"interrupted run -> {broken}: SIGKILL at the end of step {kill_at}, between two saves")
         status = self.train(broken, "interrupted", args, last_step=steps - 1, kill_at=kill_at)
         if status != -signal.SIGKILL:
             self.say(f"FAILED: expected death by SIGKILL (exit status {-signal.SIGKILL}), got {status}")
-            return False, broken
+            return False, None
         resume_from = inspect_checkpoint(broken / "checkpoints")["step"]
         self.say(f"killed by SIGKILL after step {kill_at}; newest committed checkpoint: step {resume_from}")
         self.say("resuming in a new process")
         if self.train(broken, "resumed", args, last_step=steps - 1) != 0:
             self.say("FAILED: the resumed run did not finish")
-            return False, broken
+            return False, None
         identical = self.compare(straight, broken, steps=steps, resume_from=resume_from, kill_at=kill_at)
         return identical, broken / "checkpoints"
 
@@ -128,10 +128,12 @@ class Demo:
         for step, loss in _trainer.read_loss_log(broken):
             logged.setdefault(step, []).append(loss)  # steps after the checkpoint ran twice
         markers = {
-            resume_from: "<- newest checkpoint at the kill: the resume starts after it",
+            resume_from: "<- newest checkpoint at the kill: the resumed process starts after it",
             resume_from + 1: "<- first step of the resumed process",
+            kill_at: "<- SIGKILL after this step",
         }
-        markers[kill_at] = f"<- SIGKILL; steps {resume_from + 1}-{kill_at} ran in both processes"
+        if kill_at == resume_from + 1:
+            markers[kill_at] = "<- SIGKILL after this step; first step of the resumed process"
         shown = sorted({s for s in range(steps) if s % PROGRESS_EVERY == 0} | {steps - 1} | set(markers))
         self.say(f"  {'step':>5}  {'uninterrupted':>20}  {'interrupted+resumed':>20}")
         for step in shown:
@@ -139,7 +141,9 @@ class Demo:
             value = repr(mine[-1]) if mine else "missing"
             self.say(f"  {step:5d}  {expected.get(step, float('nan'))!r:>20}  {value:>20}  {markers.get(step, '')}"
                      .rstrip())
-        self.say(f"  (every {PROGRESS_EVERY}th step and the kill and resume points shown; all {steps} compared)")
+        replayed = f"step {kill_at}" if kill_at == resume_from + 1 else f"steps {resume_from + 1}-{kill_at}"
+        self.say(f"  (every {PROGRESS_EVERY}th step and the kill and resume points shown; all {steps} are compared, "
+                 f"{replayed} both times: both processes of the interrupted run ran it)")
 
         problem = None
         for step in range(steps):
@@ -229,7 +233,7 @@ def quantized_chapter(demo: Demo, scheme_name: str, float_root: Path, steps: int
     float_loss, ptq_loss = _trainer.eval_loss(base), _trainer.eval_loss(ptq)
     float_size, ptq_size = _model_size(base), _model_size(ptq)
     demo.say(f"  {'':20} {'float32':>12} {scheme_name + ' (ptq)':>12}")
-    demo.say(f"  {'model.safetensors':20} {_human_size(float_size):>12} {_human_size(ptq_size):>12}  "
+    demo.say(f"  {'model.safetensors':20} {human_size(float_size):>12} {human_size(ptq_size):>12}  "
              f"({ptq_size / float_size:.1%} of float32)")
     demo.say(f"  {'eval loss':20} {float_loss:12.4f} {ptq_loss:12.4f}  ({ptq_loss - float_loss:+.4f})")
     demo.say(f"  ptq checkpoint: {ptq}")
@@ -239,7 +243,7 @@ def quantized_chapter(demo: Demo, scheme_name: str, float_root: Path, steps: int
     if scheme["group_size"]:
         args += ["--group-size", str(scheme["group_size"])]
     identical, final = demo.resume_chapter(f"lora-{scheme_name}", args, steps)
-    if not final.is_dir():
+    if final is None:
         return False
 
     # The integer codes, scales (and zero points) must be those quantization gave at the start
@@ -286,9 +290,9 @@ def run_demo(
     demo.heading("1-2. Train the reference model: uninterrupted vs SIGKILL + resume")
     identical, final = demo.resume_chapter("float", [], steps)
     demo.heading("3. Inspect and validate the final checkpoint")
-    valid = final.is_dir() and demo.inspect_and_validate(final)
+    valid = final is not None and demo.inspect_and_validate(final)
     ok = identical and valid
-    if quantize is not None and ok:
+    if quantize is not None and ok and final is not None:
         ok = quantized_chapter(demo, quantize, final, max(3, steps // 2))
 
     demo.say()

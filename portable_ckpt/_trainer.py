@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._errors import CheckpointError
 from ._load import load_checkpoint, prepare_model
 from ._manager import CheckpointManager
 from ._qmodules import QuantizedModule
@@ -284,7 +285,7 @@ def evaluate(
 
 # --- the checkpointed run -----------------------------------------------------------------------
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class Job:
     """What a run trains, freshly built: ``run`` restores it from the newest checkpoint, then trains it."""
 
@@ -506,7 +507,10 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     defaults = TrainConfig()
     if args.finetune_from is not None:
-        defaults = finetune_config(config_from(load_checkpoint(args.finetune_from, restore_rng=False).config))
+        try:
+            defaults = finetune_config(config_from(load_checkpoint(args.finetune_from, restore_rng=False).config))
+        except CheckpointError as e:
+            parser.error(f"--finetune-from: {e}")
     overrides = {"total_steps": args.steps, "save_every": args.save_every}
     try:
         if not isinstance(args.config, dict):

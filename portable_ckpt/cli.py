@@ -29,7 +29,7 @@ def _print_json(doc: Any, out: TextIO) -> None:
     out.write(json.dumps(doc, sort_keys=True, indent=2, ensure_ascii=True) + "\n")
 
 
-def _human_size(n: int) -> str:
+def human_size(n: int) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -50,7 +50,7 @@ def cmd_inspect(args: argparse.Namespace, out: TextIO) -> int:
         out.write(f"producer        {p['name']} {p['version']}, torch {p.get('torch', '?')}\n")
     out.write("files\n")
     for f in info["files"]:
-        out.write(f"  {escape(f['name']):32} {_human_size(f['size']):>12}\n")
+        out.write(f"  {escape(f['name']):32} {human_size(f['size']):>12}\n")
     out.write(f"tensors ({len(info['tensors'])})\n")
     for t in info["tensors"]:
         out.write(f"  {escape(t['name']):40} {t['dtype']:6} {t['shape']}\n")
@@ -64,8 +64,8 @@ def cmd_inspect(args: argparse.Namespace, out: TextIO) -> int:
         out.write(
             f"quantization    {q['mode']}, int{q['bits']}, {'symmetric' if q.get('symmetric') else 'asymmetric'}, "
             f"{q.get('granularity')}{'' if not q.get('group_size') else ' ' + str(q['group_size'])}\n"
-            f"                quantized layers {_human_size(q['quantized_bytes'])} vs "
-            f"{_human_size(q['float32_bytes'])} in fp32 ({ratio:.1%})\n"
+            f"                quantized layers {human_size(q['quantized_bytes'])} vs "
+            f"{human_size(q['float32_bytes'])} in fp32 ({ratio:.1%})\n"
         )
     return EXIT_OK
 
