@@ -42,14 +42,14 @@ def read(directory: Path, *, map_location: Any = "cpu") -> Checkpoint:
     for name in FILES:
         if (directory / name).is_symlink():
             raise CheckpointCorruptedError(f"{directory}/{name}: is a symlink; checkpoint files must be regular files")
-    state = load_pt(directory / MODEL, f"{directory}/{MODEL}", map_location)
+    state = load_pt(directory / MODEL, f"{directory}/{MODEL}", map_location, mmap=False)
     if not isinstance(state, dict) or not all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
     ):
         raise CheckpointCorruptedError(f"{directory}/{MODEL}: expected a state_dict mapping names to tensors")
     optimizer = None
     if (directory / "optimizer.pt").exists():
-        optimizer = load_pt(directory / "optimizer.pt", f"{directory}/optimizer.pt", map_location)
+        optimizer = load_pt(directory / "optimizer.pt", f"{directory}/optimizer.pt", map_location, mmap=False)
         if not isinstance(optimizer, dict):
             raise CheckpointCorruptedError(f"{directory}/optimizer.pt: expected an optimizer state_dict (a dict)")
     config = _json(directory, "config.json", None) if (directory / "config.json").exists() else {}

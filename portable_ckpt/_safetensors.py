@@ -13,6 +13,7 @@ import json
 import os
 import struct
 from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -48,6 +49,7 @@ ITEMSIZE = {name: torch.empty((), dtype=dtype).element_size() for name, dtype in
 MAX_HEADER_BYTES = 100_000_000  # the reference implementation's limit; also the spec's
 _ALIGN = 8
 _CHUNK = 1 << 30  # os.write/readinto move at most ~2 GiB per call on Linux
+_OVERLAP_MIN_BYTES = 1 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +136,13 @@ def _write_all(fd: int, view: memoryview) -> None:
         pos += os.write(fd, view[pos : pos + _CHUNK])
 
 
+def _hash_into(view: memoryview, file_hash: Hasher) -> str:
+    tensor_hash = new_hasher()
+    tensor_hash.update(view)
+    file_hash.update(view)
+    return tensor_hash.hexdigest()
+
+
 def write_file(
     path: str | os.PathLike[str],
     tensors: Mapping[str, torch.Tensor],
@@ -142,7 +151,8 @@ def write_file(
     """Write ``tensors`` to a new file at ``path``; returns its size and checksums. Does not fsync.
 
     Tensors on other devices or not contiguous are staged through host memory one at a time, so
-    the extra memory is at most the largest such tensor.
+    the extra memory is at most the largest such tensor. Large tensors are hashed on a second
+    thread while the same bytes are written (both release the GIL), so checksums cost no extra time.
     """
     head, order = layout(tensors, metadata)
     file_hash = new_hasher()
@@ -150,15 +160,18 @@ def write_file(
     checksums: dict[str, str] = {}
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:
-        _write_all(fd, memoryview(head))
-        for name in order:
-            host = _host_contiguous(tensors[name])
-            view = tensor_bytes(host)
-            tensor_hash = new_hasher()
-            tensor_hash.update(view)
-            file_hash.update(view)
-            checksums[name] = tensor_hash.hexdigest()
-            _write_all(fd, view)
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="portable-ckpt-hash") as hasher:
+            _write_all(fd, memoryview(head))
+            for name in order:
+                host = _host_contiguous(tensors[name])
+                view = tensor_bytes(host)
+                if len(view) < _OVERLAP_MIN_BYTES:  # a thread hand-off costs more than hashing a small tensor
+                    checksums[name] = _hash_into(view, file_hash)
+                    _write_all(fd, view)
+                    continue
+                digest = hasher.submit(_hash_into, view, file_hash)
+                _write_all(fd, view)
+                checksums[name] = digest.result()
         size = os.fstat(fd).st_size
     finally:
         os.close(fd)
