@@ -30,6 +30,7 @@ from ._save import CONFIG_FILE, MODEL_FILE, OPTIMIZER_FILE, QUANT_FILE, SCALER_F
 from ._state import Stateful, check_model_match, load_into, load_pt, with_aliases
 
 _HASH_CHUNK = 8 << 20
+_RESOLVE_ATTEMPTS = 3
 
 
 def resolve(path: str | os.PathLike[str]) -> Path:
@@ -399,14 +400,22 @@ def load_checkpoint(
     with ``restore_rng`` the random generators too. ``verify`` checks every file's size and
     checksum against the manifest before anything is used.
     """
-    directory = resolve(path)
-    if not (directory / _manifest.MANIFEST).exists():
-        ckpt = _legacy.read(directory, map_location=map_location)
-        rng = None
-    else:
-        ckpt, rng = read_checkpoint(
-            directory, map_location=map_location, verify=verify, model=model, optimizer=optimizer, strict=strict
-        )
+    for attempt in range(_RESOLVE_ATTEMPTS):
+        directory = resolve(path)
+        if not (directory / _manifest.MANIFEST).exists():
+            ckpt = _legacy.read(directory, map_location=map_location)
+            rng = None
+            break
+        try:
+            ckpt, rng = read_checkpoint(
+                directory, map_location=map_location, verify=verify, model=model, optimizer=optimizer, strict=strict
+            )
+            break
+        except CheckpointNotFoundError:
+            # A root's newest checkpoint can be retired by a concurrent writer's retention after we
+            # resolved it (it vanishes whole: renamed away first): resolve again.
+            if directory == Path(path) or directory.exists() or attempt == _RESOLVE_ATTEMPTS - 1:
+                raise
     apply(
         ckpt,
         rng,

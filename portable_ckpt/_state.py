@@ -18,7 +18,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from ._errors import CheckpointCorruptedError, CheckpointInputError, StateMismatchError
+from ._errors import CheckpointCorruptedError, CheckpointInputError, CheckpointNotFoundError, StateMismatchError
 from ._hashing import new_hasher
 
 _SERIALIZATION_CONFIG: Any
@@ -157,6 +157,10 @@ def load_pt(path: str | os.PathLike[str], filename: str, map_location: Any, *, m
     try:
         # mmap: tensors are read from the page cache on first touch instead of copied up front
         return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except FileNotFoundError:
+        raise CheckpointNotFoundError(
+            f"{filename}: removed while the checkpoint was being read (retention or a concurrent overwrite)"
+        ) from None
     except pickle.UnpicklingError as e:
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
         # torch's first line advises weights_only=False; the line naming the refused global is the reason
