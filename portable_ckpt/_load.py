@@ -27,7 +27,7 @@ from ._errors import (
 )
 from ._hashing import checksum, new_hasher
 from ._save import CONFIG_FILE, MODEL_FILE, OPTIMIZER_FILE, QUANT_FILE, SCALER_FILE, SCHEDULER_FILE, VOCAB_FILE
-from ._state import Stateful, check_model_match, load_into, load_pt, with_aliases
+from ._state import Stateful, check_model_match, check_optimizer_match, load_into, load_pt, with_aliases
 
 _HASH_CHUNK = 8 << 20
 _RESOLVE_ATTEMPTS = 3
@@ -235,17 +235,23 @@ def prepare_model(path: str | os.PathLike[str], model: nn.Module) -> nn.Module:
 
 
 def _check_optimizer_params(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
-    """An optimizer built before the model was converted to quantized modules holds dead parameters."""
+    """Converting a float model to quantized modules replaces its parameters: an optimizer must be
+    built on the quantized model. Checked before the model is touched, and again after conversion."""
     if optimizer is None:
         return
+    fix = (
+        "build the optimizer after quantize(model, ...) or portable_ckpt.prepare_model(path, model), "
+        "so it holds the quantized model's parameters"
+    )
+    if not _quant.is_quantized(model):
+        raise StateMismatchError(
+            f"the checkpoint is quantized but the model is not: the optimizer holds the float model's parameters, "
+            f"which loading would replace; {fix}"
+        )
     own = {id(p) for p in model.parameters()}
     foreign = sum(1 for g in optimizer.param_groups for p in g["params"] if id(p) not in own)
     if foreign:
-        raise StateMismatchError(
-            f"the optimizer holds {foreign} parameter(s) that are not the model's; build the optimizer after "
-            "quantize(model, ...) (or after portable_ckpt.prepare_model(path, model)) so it holds the quantized "
-            "model's parameters"
-        )
+        raise StateMismatchError(f"the optimizer holds {foreign} parameter(s) that are not the model's; {fix}")
 
 
 def read_checkpoint(
@@ -291,6 +297,16 @@ def read_checkpoint(
         name: files.read_pt(name, map_location) if name in listed else None
         for name in (OPTIMIZER_FILE, SCHEDULER_FILE, SCALER_FILE)
     }
+    for name, state in optional_pt.items():
+        if state is not None and not isinstance(state, dict):
+            raise CheckpointCorruptedError(
+                f"{files.label(name)}: expected a state_dict (a dict), found {type(state).__name__}"
+            )
+    opt_state = optional_pt[OPTIMIZER_FILE]
+    if opt_state is not None and not {"state", "param_groups"} <= set(opt_state):
+        raise CheckpointCorruptedError(
+            f"{files.label(OPTIMIZER_FILE)}: an optimizer state_dict needs 'state' and 'param_groups'"
+        )
     for name in sorted(set(listed) - consumed):
         files.verify_file(name)  # listed but not used by this reader: still verified, otherwise ignored
 
@@ -302,11 +318,14 @@ def read_checkpoint(
         quant = _quantization(files, manifest, header)
         if model is not None:
             if quant is not None:
+                _check_optimizer_params(model, optimizer)  # before the model is converted
                 _quant.apply_quantization(model, quant)
                 _check_optimizer_params(model, optimizer)
             shapes = {e.name: e.shape for e in header.entries}
             shapes.update({alias: shapes[target] for alias, target in aliases.items() if target in shapes})
             check_model_match(model, shapes, str(directory / MODEL_FILE), strict=strict)
+        if optimizer is not None and opt_state is not None:
+            check_optimizer_match(optimizer, opt_state, files.label(OPTIMIZER_FILE))
         file_hash = new_hasher() if verify else None
         if file_hash is not None:
             file_hash.update(raw)

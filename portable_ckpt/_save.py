@@ -101,6 +101,8 @@ def snapshot(
     if type(step) is not int or step < 0:
         raise CheckpointInputError(f"step must be an int >= 0, found {step!r}")
     tensors, aliases = model_state(model)
+    for name, t in tensors.items():
+        _safetensors.dtype_name(t, name)  # an unsupported dtype fails at the call, not in a background write
     quant = _quant.quantization_metadata(model) if isinstance(model, nn.Module) else None
     rng_tensors, rng_doc, rng_sources = _rng.capture()
     states = [

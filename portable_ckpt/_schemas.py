@@ -39,7 +39,19 @@ def schema(kind: str) -> dict[str, Any]:
 
 @cache
 def _validator(kind: str) -> jsonschema.protocols.Validator:
-    return jsonschema.Draft202012Validator(schema(kind))
+    return _STRICT(schema(kind))
+
+
+def _is_plain_integer(checker: Any, value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+# JSON Schema counts 3.0 as an integer; a step, a size or a bit count written as 3.0 is refused here:
+# the spec requires integers without a fraction or exponent.
+_STRICT = jsonschema.validators.extend(
+    jsonschema.Draft202012Validator,
+    type_checker=jsonschema.Draft202012Validator.TYPE_CHECKER.redefine("integer", _is_plain_integer),
+)
 
 
 def _where(path: Any) -> str:

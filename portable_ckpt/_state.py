@@ -111,6 +111,24 @@ def check_model_match(model: nn.Module, shapes: Mapping[str, Sequence[int]], sou
         raise StateMismatchError(f"model does not match {source}: " + "; ".join(problems))
 
 
+def check_optimizer_match(optimizer: torch.optim.Optimizer, state: Mapping[str, Any], source: str) -> None:
+    """The checks optimizer.load_state_dict makes, done before anything is loaded."""
+    groups, saved = optimizer.param_groups, state["param_groups"]
+    if not isinstance(saved, list) or len(saved) != len(groups):
+        found = len(saved) if isinstance(saved, list) else type(saved).__name__
+        raise StateMismatchError(
+            f"optimizer does not match {source}: {len(groups)} parameter groups, checkpoint has {found}"
+        )
+    for i, (group, stored) in enumerate(zip(groups, saved, strict=True)):
+        params = stored.get("params") if isinstance(stored, dict) else None
+        if not isinstance(params, list) or len(params) != len(group["params"]):
+            found = len(params) if isinstance(params, list) else "none"
+            raise StateMismatchError(
+                f"optimizer does not match {source}: group {i} has {len(group['params'])} parameters, "
+                f"checkpoint has {found}"
+            )
+
+
 class _HashingWriter:
     """A file-like sink for torch.save that hashes bytes on their way to the file (no buffered copy)."""
 

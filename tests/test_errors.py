@@ -227,8 +227,10 @@ def test_non_strict_load_ignores_missing_keys(ckpt, trained):
 def test_optimizer_mismatch(ckpt):
     model = TinyLM()
     wrong = torch.optim.AdamW([model.lin.weight])
-    with pytest.raises(StateMismatchError, match=r"optimizer does not match .*optimizer.pt: ValueError"):
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(StateMismatchError, match=r"optimizer does not match .*optimizer.pt: group 0 has 1 parameters, checkpoint has 5"):
         load_checkpoint(ckpt, model=model, optimizer=wrong)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # refused before the model is filled
 
 
 def test_failed_load_leaves_the_model_untouched(ckpt):

@@ -128,8 +128,9 @@ def test_lora_resume_needs_the_optimizer_built_after_quantizing(tmp_path):
 
     stale = _float_net()
     stale_opt = torch.optim.AdamW(stale.parameters())
-    with pytest.raises(StateMismatchError, match=r"build the optimizer after quantize\(model, ...\)"):
+    with pytest.raises(StateMismatchError, match=r"the optimizer holds the float model's parameters.*build the optimizer after quantize\(model, ...\)"):
         load_checkpoint(path, model=stale, optimizer=stale_opt)
+    assert not is_quantized(stale)  # refused before the model was touched
 
     fresh = prepare_model(path, _float_net(seed=3))
     assert is_quantized(fresh)

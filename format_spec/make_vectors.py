@@ -1,0 +1,796 @@
+"""Generate the committed test vectors in ``format_spec/vectors/`` and their ``index.json``.
+
+    .venv/bin/python format_spec/make_vectors.py
+
+Valid vectors are written by the library itself; invalid ones start from a valid checkpoint and
+carry exactly one defect. Defects meant to get past the checksums are crafted as an attacker would:
+the file sizes, file checksums, per-tensor checksums and ``manifest_checksum`` are all recomputed,
+and hostile safetensors headers are built by hand with ``struct.pack``. Output is deterministic for
+a given torch version: fixed seeds, and ``created_at`` rewritten to a fixed instant and re-sealed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import os
+import random
+import shutil
+import struct
+import sys
+import tempfile
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from portable_ckpt import _jsonio, _manifest, _safetensors, _save  # noqa: E402
+from portable_ckpt._hashing import checksum  # noqa: E402
+
+VECTORS = Path(__file__).resolve().parent / "vectors"
+CREATED_AT = "2025-01-01T00:00:00.000000Z"
+MARKER = "PWNED-portable-ckpt-marker"  # what the hostile pickles would create in the working directory
+LEGACY_MARKER = "PWNED-portable-ckpt-legacy-marker"
+
+INDEX: list[dict[str, Any]] = []
+
+
+# --------------------------------------------------------------------------------------------------
+# building blocks
+# --------------------------------------------------------------------------------------------------
+
+
+class TinyLM(nn.Module):
+    """An embedding, a linear layer and a head tied to the embedding."""
+
+    def __init__(self, vocab: int = 8, dim: int = 4, tied: bool = True) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, dim)
+        self.lin = nn.Linear(dim, dim)
+        self.head = nn.Linear(dim, vocab, bias=False)
+        if tied:
+            self.head.weight = self.emb.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.lin(self.emb(ids))))
+
+
+def seed(n: int) -> None:
+    random.seed(n)
+    torch.manual_seed(n)
+    try:
+        import numpy
+
+        numpy.random.seed(n)
+    except ImportError:
+        pass
+
+
+def trained(optimizer_kind: str | None = "adamw", tied: bool = True) -> tuple[TinyLM, torch.optim.Optimizer | None]:
+    seed(0)
+    model = TinyLM(tied=tied)
+    if optimizer_kind is None:
+        return model, None
+    optimizer: torch.optim.Optimizer = (
+        torch.optim.AdamW(model.parameters(), lr=1e-2)
+        if optimizer_kind == "adamw"
+        else torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    )
+    g = torch.Generator().manual_seed(1)
+    for _ in range(2):
+        ids = torch.randint(0, 8, (2, 3), generator=g)
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(ids).flatten(0, 1), ids.flatten()).backward()
+        optimizer.step()
+    return model, optimizer
+
+
+def save(root: Path, model: Any, optimizer: Any, *, step: int, rng: bool = False, **kw: Any) -> Path:
+    """A checkpoint written by the library into ``root``; without ``rng`` no RNG files (keeps vectors small)."""
+    config = kw.pop("config", {"dim": 4, "lr": 0.01, "name": "tiny"})
+    vocab = kw.pop("vocab", ["<pad>", "a", "b", "c", "d", "e", "f", "g"])
+    snap = _save.snapshot(model, optimizer, config, vocab, step, **kw)
+    if not rng:
+        snap = dataclasses.replace(snap, rng_tensors={}, rng_doc=None, rng_sources=[])
+    path = _save.write(snap, root)
+    edit_manifest(path, lambda m: m.update(created_at=CREATED_AT))
+    return path
+
+
+def checkpoint(name: str, *, optimizer: str | None = None, **kw: Any) -> Path:
+    """A fresh checkpoint directory ``vectors/<name>`` holding the tiny model (not a root)."""
+    model, opt = trained(optimizer)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = save(Path(tmp), model, opt, step=kw.pop("step", 5), **kw)
+        dst = VECTORS / name
+        shutil.move(str(path), dst)
+    return dst
+
+
+def read_manifest(directory: Path) -> dict[str, Any]:
+    return json.loads((directory / "manifest.json").read_bytes())
+
+
+def write_manifest(directory: Path, doc: dict[str, Any]) -> None:
+    (directory / "manifest.json").write_bytes(_manifest.encode(doc))
+
+
+def edit_manifest(directory: Path, change: Callable[[dict[str, Any]], None]) -> None:
+    doc = read_manifest(directory)
+    change(doc)
+    write_manifest(directory, doc)
+
+
+def header_entries(data: bytes) -> list[tuple[str, int, int]]:
+    """(name, begin, end) of each tensor of a safetensors file, absolute positions, as a raw parse."""
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + n])
+    header.pop("__metadata__", None)
+    return [(k, 8 + n + v["data_offsets"][0], 8 + n + v["data_offsets"][1]) for k, v in header.items()]
+
+
+def reseal(directory: Path, *, tensor_table: bool = True) -> None:
+    """Recompute every listed file's size and checksum, the per-tensor checksums, and the manifest checksum."""
+    doc = read_manifest(directory)
+    for name, entry in doc["files"].items():
+        path = directory / name
+        if not path.is_file() or path.is_symlink():
+            continue
+        data = path.read_bytes()
+        entry["size"], entry["checksum"] = len(data), checksum(data)
+        if "tensors" in entry and tensor_table:
+            entry["tensors"] = {k: checksum(data[b:e]) for k, b, e in sorted(header_entries(data))}
+    write_manifest(directory, doc)
+
+
+def safetensors_bytes(entries: list[tuple[str, str, list[int], int, int]], data: bytes, *, pad: bool = True) -> bytes:
+    """A safetensors file built by hand: (name, dtype, shape, begin, end) in the given order, then ``data``."""
+    header = {name: {"dtype": dtype, "shape": shape, "data_offsets": [b, e]} for name, dtype, shape, b, e in entries}
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    if pad:
+        raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw + data
+
+
+def hostile_pickle(marker: str) -> bytes:
+    """Protocol-0 pickle that calls os.mkdir(marker) when unpickled without restrictions."""
+    return b"cos\nmkdir\n(V" + marker.encode() + b"\ntR."
+
+
+def hostile_torch_file(real: bytes, marker: str) -> bytes:
+    """A torch.save zip archive whose data.pkl is replaced by a hostile pickle (other records kept)."""
+    src = zipfile.ZipFile(io.BytesIO(real))
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as dst:
+        for info in src.infolist():
+            info.CRC = None  # the library saves without zip CRCs (the manifest's XXH3 covers the file): skip the check
+            body = hostile_pickle(marker) if info.filename.endswith("/data.pkl") else src.read(info.filename)
+            zi = zipfile.ZipInfo(info.filename, date_time=(2025, 1, 1, 0, 0, 0))
+            dst.writestr(zi, body)
+    return out.getvalue()
+
+
+def torch_bytes(obj: Any) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def record(
+    name: str, description: str, *, step: int | None = None, error: str | None = None, message: str | None = None
+) -> None:
+    INDEX.append(
+        {
+            "name": name,
+            "description": description,
+            "valid": error is None,
+            "error": error,
+            "message_contains": message,
+            "step": step,
+        }
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# valid vectors
+# --------------------------------------------------------------------------------------------------
+
+
+def valid_full() -> None:
+    model, opt = trained("adamw")
+    assert opt is not None
+    scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=10, gamma=0.5)
+    with tempfile.TemporaryDirectory() as tmp:
+        seed(1234)  # the RNG state saved is the state right after these seeds
+        path = save(
+            Path(tmp),
+            model,
+            opt,
+            step=100,
+            rng=True,
+            scheduler=scheduler,
+            extra={"tokens_seen": 1200, "run": "vectors"},
+        )
+        shutil.move(str(path), VECTORS / "valid-full")
+    record(
+        "valid-full",
+        "full precision model with a tied head, AdamW optimizer.pt, scheduler.pt, config, vocab list, "
+        "RNG state (rng.safetensors + rng.json), extra",
+        step=100,
+    )
+
+
+def valid_tied() -> None:
+    checkpoint("valid-tied", step=7, vocab={"<pad>": 0, "a": 1, "b": 2})
+    assert read_manifest(VECTORS / "valid-tied")["aliases"] == {"head.weight": "emb.weight"}
+    record(
+        "valid-tied",
+        "head.weight tied to emb.weight: stored once, recorded in aliases; vocab as a token -> id object",
+        step=7,
+    )
+
+
+def dtype_tensors() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(3)
+    out: dict[str, torch.Tensor] = {}
+    for name, dtype in _safetensors.DTYPES.items():
+        x = torch.randn(2, 3, generator=g) * 50
+        if dtype == torch.bool:
+            t = x > 0
+        elif dtype.is_floating_point or dtype.is_complex:
+            t = x.to(dtype)
+        else:
+            t = x.abs().to(torch.int64).to(dtype)
+        out[f"dtype.{name}"] = t
+    out["scalar.f32"] = torch.tensor(-2.5)
+    out["scalar.bool"] = torch.tensor(True)
+    out["empty.f32"] = torch.zeros(0, 4)
+    out["empty.i64"] = torch.zeros(3, 0, 2, dtype=torch.int64)
+    out["unicode.\u00e9t\u00e9"] = torch.arange(3, dtype=torch.int16)
+    return out
+
+
+def valid_dtypes() -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = save(Path(tmp), dtype_tensors(), None, step=3, vocab=None)
+        shutil.move(str(path), VECTORS / "valid-dtypes")
+    record("valid-dtypes", "every dtype of the dtype table, 0-dim tensors, empty tensors, a non-ASCII name", step=3)
+
+
+def valid_legacy() -> None:
+    model, opt = trained("sgd")
+    assert opt is not None
+    d = VECTORS / "valid-legacy"
+    d.mkdir()
+    # format 0 was torch.save(model.state_dict()): tied entries share one storage in the pickle
+    (d / "model.pt").write_bytes(torch_bytes(model.state_dict()))
+    (d / "optimizer.pt").write_bytes(torch_bytes(opt.state_dict()))
+    (d / "metadata.json").write_text('{"step": 42}\n')
+    (d / "config.json").write_text('{"dim": 4, "name": "tiny"}\n')
+    (d / "vocab.json").write_text('["<pad>", "a", "b", "c", "d", "e", "f", "g"]\n')
+    record("valid-legacy", "format 0: model.pt, optimizer.pt, metadata.json, config.json, vocab.json", step=42)
+
+
+def valid_root() -> None:
+    root = VECTORS / "valid-root"
+    model, _ = trained(None)
+    for step in (10, 20):
+        save(root, model, None, step=step)
+    # a save that crashed after writing its manifest but before the rename: complete, yet not committed
+    crashed = root / ".tmp-step-00000030-99999-0badc0de"
+    with tempfile.TemporaryDirectory() as tmp:
+        shutil.move(str(save(Path(tmp), model, None, step=30)), crashed)
+    # a deletion in progress: renamed away first, then removed
+    trash = root / ".trash-step-00000005-0badc0de"
+    trash.mkdir()
+    shutil.copy(root / "step-00000010" / "model.safetensors", trash / "model.safetensors")
+    assert (root / "latest").read_text() == "step-00000020\n" and (root / ".lock").exists()
+    record(
+        "valid-root",
+        "a checkpoints root: latest -> step-00000020, steps 10 and 20, .lock, a crashed "
+        ".tmp-step-00000030-* save (with a manifest) and a .trash-* directory, both to be ignored",
+        step=20,
+    )
+
+
+def valid_root_stale_latest() -> None:
+    root = VECTORS / "valid-root-stale-latest"
+    model, _ = trained(None)
+    for step in (10, 20):
+        save(root, model, None, step=step)
+    (root / "latest").write_text("step-00000030\n")
+    record(
+        "valid-root-stale-latest",
+        "latest names step-00000030, which does not exist: readers fall back to the highest committed step",
+        step=20,
+    )
+
+
+def valid_root_latest_not_a_file() -> None:
+    root = VECTORS / "valid-root-latest-not-a-file"
+    model, _ = trained(None)
+    for step in (10, 20):
+        save(root, model, None, step=step)
+    (root / "latest").unlink()
+    (root / "latest").mkdir()
+    (root / "latest" / "keep").write_text("git keeps no empty directory\n")
+    record(
+        "valid-root-latest-not-a-file",
+        "latest is a directory, not a regular file: readers fall back to the highest committed step",
+        step=20,
+    )
+
+
+def valid_unknown() -> None:
+    d = checkpoint("valid-unknown-fields", step=9)
+    (d / "notes.txt").write_text("written by a future writer\n")
+    doc = read_manifest(d)
+    doc["files"]["notes.txt"] = {"size": 0, "checksum": "0" * 32}
+    doc["future_field"] = {"anything": [1, 2.5, "x"]}
+    write_manifest(d, doc)
+    reseal(d)
+    record(
+        "valid-unknown-fields",
+        "an unknown top-level manifest field and an unknown listed file (verified, otherwise ignored)",
+        step=9,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# invalid vectors: one defect each
+# --------------------------------------------------------------------------------------------------
+
+CORRUPTED = "CheckpointCorruptedError"
+
+
+def flip(path: Path, pos: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[pos] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def invalid_flipped_tensor_byte() -> None:
+    d = checkpoint("invalid-flipped-tensor-byte")
+    path = d / "model.safetensors"
+    flip(path, header_entries(path.read_bytes())[0][1] + 1)
+    record(
+        "invalid-flipped-tensor-byte",
+        "one bit of tensor data flipped; the manifest is untouched",
+        error=CORRUPTED,
+        message="checksum mismatch",
+    )
+
+
+def invalid_flipped_manifest_byte() -> None:
+    d = checkpoint("invalid-flipped-manifest-byte")
+    data = (d / "manifest.json").read_bytes()
+    flip(d / "manifest.json", data.index(b'"size":') + len(b'"size":'))  # a digit of a size: still valid JSON
+    record(
+        "invalid-flipped-manifest-byte",
+        "one bit of a file size in manifest.json flipped (still valid JSON and schema)",
+        error=CORRUPTED,
+        message="manifest_checksum is",
+    )
+
+
+def invalid_truncated() -> None:
+    d = checkpoint("invalid-truncated-safetensors")
+    path = d / "model.safetensors"
+    path.write_bytes(path.read_bytes()[:-4])
+    record(
+        "invalid-truncated-safetensors",
+        "model.safetensors lost its last 4 bytes",
+        error=CORRUPTED,
+        message="size mismatch",
+    )
+
+
+def invalid_truncated_resealed() -> None:
+    d = checkpoint("invalid-truncated-resealed")
+    path = d / "model.safetensors"
+    path.write_bytes(path.read_bytes()[:-4])
+    reseal(d)
+    record(
+        "invalid-truncated-resealed",
+        "model.safetensors truncated by 4 bytes, every checksum and size "
+        "recomputed: the header's offsets run past the end",
+        error=CORRUPTED,
+        message="tensor data ends at byte",
+    )
+
+
+def invalid_missing_file() -> None:
+    d = checkpoint("invalid-missing-file", optimizer="sgd")
+    (d / "optimizer.pt").unlink()
+    record(
+        "invalid-missing-file",
+        "optimizer.pt is listed in the manifest but absent",
+        error="CheckpointNotFoundError",
+        message="listed in the manifest but missing",
+    )
+
+
+def invalid_schema() -> None:
+    d = checkpoint("invalid-manifest-schema")
+    edit_manifest(d, lambda m: m.update(checksum_algorithm="sha256"))
+    record(
+        "invalid-manifest-schema",
+        'checksum_algorithm "sha256" (re-sealed)',
+        error=CORRUPTED,
+        message="schema violation at $.checksum_algorithm",
+    )
+
+
+def _hand_built(
+    name: str, entries: list[tuple[str, str, list[int], int, int]], data: bytes, *, tensor_table: bool = True
+) -> Path:
+    d = checkpoint(name, vocab=None)
+    (d / "model.safetensors").write_bytes(safetensors_bytes(entries, data))
+    edit_manifest(d, lambda m: m.update(aliases={}))
+    reseal(d, tensor_table=tensor_table)
+    return d
+
+
+_A = struct.pack("<4f", 1.0, 2.0, 3.0, 4.0)
+
+
+def invalid_unknown_dtype() -> None:
+    _hand_built("invalid-unknown-dtype", [("a", "X32", [2], 0, 8), ("b", "F32", [2], 8, 16)], _A)
+    record(
+        "invalid-unknown-dtype",
+        'dtype "X32" in the header; checksums recomputed',
+        error=CORRUPTED,
+        message="unknown dtype 'X32'",
+    )
+
+
+def invalid_overlap() -> None:
+    _hand_built("invalid-overlapping-offsets", [("a", "F32", [2], 0, 8), ("b", "F32", [2], 4, 12)], _A[:12])
+    record(
+        "invalid-overlapping-offsets",
+        "tensor b starts inside tensor a (offsets [0,8] and [4,12]); checksums recomputed",
+        error=CORRUPTED,
+        message="overlaps the previous tensor",
+    )
+
+
+def invalid_gap() -> None:
+    _hand_built("invalid-gap", [("a", "F32", [1], 0, 4), ("b", "F32", [2], 8, 16)], _A)
+    record(
+        "invalid-gap",
+        "4 unaccounted bytes between tensors a and b; checksums recomputed",
+        error=CORRUPTED,
+        message="leaves a gap before it",
+    )
+
+
+def invalid_wrong_nbytes() -> None:
+    _hand_built("invalid-wrong-nbytes", [("a", "F32", [3], 0, 8), ("b", "F32", [2], 8, 16)], _A)
+    record(
+        "invalid-wrong-nbytes",
+        "tensor a is F32 [3] (12 bytes) but its offsets span 8; checksums recomputed",
+        error=CORRUPTED,
+        message="needs 12 bytes",
+    )
+
+
+def invalid_header_too_large() -> None:
+    d = checkpoint("invalid-header-too-large", vocab=None)
+    (d / "model.safetensors").write_bytes(struct.pack("<Q", 100_000_001) + b"{}" + b" " * 14)
+    edit_manifest(d, lambda m: m.update(aliases={}))
+    reseal(d, tensor_table=False)
+    record(
+        "invalid-header-too-large",
+        "the header length field says 100000001 bytes (limit 100000000); checksums recomputed",
+        error=CORRUPTED,
+        message="exceeds the limit of 100000000 bytes",
+    )
+
+
+def invalid_duplicate_header_key() -> None:
+    d = checkpoint("invalid-duplicate-header-key", vocab=None)
+    raw = b'{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"a":{"dtype":"I32","shape":[1],"data_offsets":[0,4]}}'
+    raw += b" " * (-len(raw) % 8)
+    (d / "model.safetensors").write_bytes(struct.pack("<Q", len(raw)) + raw + _A[:4])
+    edit_manifest(d, lambda m: m.update(aliases={}))
+    reseal(d)
+    record(
+        "invalid-duplicate-header-key",
+        'the header names tensor "a" twice (F32 and I32 over the same bytes); checksums recomputed',
+        error=CORRUPTED,
+        message="duplicate key 'a'",
+    )
+
+
+def invalid_tensor_table() -> None:
+    _hand_built("invalid-tensor-table", [("a", "F32", [2], 0, 8), ("b", "F32", [2], 8, 16)], _A, tensor_table=False)
+    record(
+        "invalid-tensor-table",
+        "model.safetensors holds tensors a and b, the manifest's tensor table lists "
+        "the original model's; file checksums recomputed",
+        error=CORRUPTED,
+        message="tensors disagree with the manifest",
+    )
+
+
+def invalid_version_2() -> None:
+    d = checkpoint("invalid-format-version-2")
+    edit_manifest(d, lambda m: m.update(format_version=2))
+    record(
+        "invalid-format-version-2",
+        "format_version 2 (re-sealed)",
+        error="UnsupportedFormatVersionError",
+        message="format_version 2 is newer",
+    )
+
+
+def invalid_quantized_without_metadata() -> None:
+    from portable_ckpt import quantize
+
+    seed(0)
+    model = quantize(nn.Sequential(nn.Linear(8, 4)), bits=8)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = save(Path(tmp), model, None, step=5, vocab=None)
+        shutil.move(str(path), VECTORS / "invalid-quantized-no-metadata")
+    d = VECTORS / "invalid-quantized-no-metadata"
+    (d / "quantization_metadata.json").unlink()
+    edit_manifest(d, lambda m: m["files"].pop("quantization_metadata.json"))
+    record(
+        "invalid-quantized-no-metadata",
+        "the manifest says quantized (int8 ptq) but quantization_metadata.json is gone (and unlisted; re-sealed)",
+        error="QuantizationMetadataError",
+        message="quantization metadata file is missing",
+    )
+
+
+def invalid_symlink() -> None:
+    d = checkpoint("invalid-symlinked-file")
+    (d / "model.safetensors").rename(d / "payload.bin")
+    os.symlink("payload.bin", d / "model.safetensors")
+    record(
+        "invalid-symlinked-file",
+        "model.safetensors is a symlink to an unlisted file with the right bytes",
+        error=CORRUPTED,
+        message="symlinks are refused",
+    )
+
+
+def invalid_dotdot() -> None:
+    d = checkpoint("invalid-dotdot-file-name")
+    (d / "escape.json").write_text("{}\n")
+    data = (d / "escape.json").read_bytes()
+    edit_manifest(d, lambda m: m["files"].update({"../escape.json": {"size": len(data), "checksum": checksum(data)}}))
+    record(
+        "invalid-dotdot-file-name",
+        'the manifest lists "../escape.json" (re-sealed)',
+        error=CORRUPTED,
+        message="schema violation at $.files",
+    )
+
+
+def invalid_hostile_pickle() -> None:
+    d = checkpoint("invalid-hostile-pickle", optimizer="sgd")
+    path = d / "optimizer.pt"
+    path.write_bytes(hostile_torch_file(path.read_bytes(), MARKER))
+    reseal(d)
+    record(
+        "invalid-hostile-pickle",
+        f"optimizer.pt whose data.pkl calls os.mkdir({MARKER!r}); checksums recomputed; "
+        "the error names the refused global",
+        error=CORRUPTED,
+        message="os.mkdir",
+    )
+
+
+def invalid_legacy_hostile_pickle() -> None:
+    d = VECTORS / "invalid-legacy-hostile-pickle"
+    d.mkdir()
+    model, _ = trained(None)
+    (d / "model.pt").write_bytes(hostile_torch_file(torch_bytes(model.state_dict()), LEGACY_MARKER))
+    (d / "metadata.json").write_text('{"step": 1}\n')
+    record(
+        "invalid-legacy-hostile-pickle",
+        f"format 0 model.pt whose data.pkl calls os.mkdir({LEGACY_MARKER!r}); the error names the refused global",
+        error=CORRUPTED,
+        message="os.mkdir",
+    )
+
+
+def _raw_manifest(name: str, edit: Callable[[bytes], bytes]) -> None:
+    d = checkpoint(name)
+    (d / "manifest.json").write_bytes(edit((d / "manifest.json").read_bytes()))
+
+
+def invalid_manifest_duplicate_key() -> None:
+    _raw_manifest("invalid-manifest-duplicate-key", lambda b: b.replace(b'"step":5', b'"step":5,"step":6'))
+    record(
+        "invalid-manifest-duplicate-key",
+        'manifest.json has "step" twice',
+        error=CORRUPTED,
+        message="duplicate key 'step'",
+    )
+
+
+def invalid_manifest_nan() -> None:
+    _raw_manifest("invalid-manifest-nan", lambda b: b.replace(b'"extra":null', b'"extra":{"loss":NaN}'))
+    record(
+        "invalid-manifest-nan",
+        "manifest.json holds NaN, which JSON does not have",
+        error=CORRUPTED,
+        message="NaN is not valid JSON",
+    )
+
+
+def invalid_lone_surrogate() -> None:
+    _raw_manifest("invalid-lone-surrogate", lambda b: b.replace(b'"extra":null', b'"extra":{"note":"\\ud800"}'))
+    record(
+        "invalid-lone-surrogate",
+        'manifest.json holds the string "\\ud800" (a lone surrogate, which has no UTF-8 encoding)',
+        error=CORRUPTED,
+        message="invalid JSON: a string holds a lone surrogate",
+    )
+
+
+def invalid_number_overflow() -> None:
+    _raw_manifest("invalid-number-overflow", lambda b: b.replace(b'"extra":null', b'"extra":{"loss":1e400}'))
+    record(
+        "invalid-number-overflow",
+        "manifest.json holds 1e400, beyond the range of a double",
+        error=CORRUPTED,
+        message="invalid JSON: number 1e400 is out of range",
+    )
+
+
+def invalid_step_mismatch() -> None:
+    root = VECTORS / "invalid-step-mismatch"
+    model, _ = trained(None)
+    path = save(root, model, None, step=5)
+    edit_manifest(path, lambda m: m.update(step=6))
+    record(
+        "invalid-step-mismatch",
+        "a root whose step-00000005 holds a manifest for step 6 (re-sealed)",
+        error=CORRUPTED,
+        message="named for step 5",
+    )
+
+
+def invalid_alias_target() -> None:
+    d = checkpoint("invalid-alias-target")
+    edit_manifest(d, lambda m: m.update(aliases={"head.weight": "missing.weight"}))
+    record(
+        "invalid-alias-target",
+        'alias "head.weight" points at a tensor that is not stored (re-sealed)',
+        error=CORRUPTED,
+        message="which is not stored",
+    )
+
+
+def invalid_config_not_object() -> None:
+    d = checkpoint("invalid-config-not-object")
+    (d / "config.json").write_bytes(b"[1,2]\n")
+    reseal(d)
+    record(
+        "invalid-config-not-object",
+        "config.json is a JSON array (checksums recomputed)",
+        error=CORRUPTED,
+        message="expected a JSON object",
+    )
+
+
+def invalid_unknown_file_checksum() -> None:
+    d = checkpoint("invalid-unknown-file-checksum")
+    (d / "notes.txt").write_text("written by a future writer\n")
+    edit_manifest(d, lambda m: m["files"].update({"notes.txt": {"size": 27, "checksum": "0" * 32}}))
+    record(
+        "invalid-unknown-file-checksum",
+        "an unknown listed file whose checksum does not match",
+        error=CORRUPTED,
+        message="checksum mismatch",
+    )
+
+
+def invalid_unused_known_file_checksum() -> None:
+    d = checkpoint("invalid-unused-file-checksum")
+    (d / "quantization_metadata.json").write_text("{}\n")
+    # listed, but unused: the manifest's quantization is null, so no reader consults the file
+    edit_manifest(d, lambda m: m["files"].update({"quantization_metadata.json": {"size": 3, "checksum": "0" * 32}}))
+    record(
+        "invalid-unused-file-checksum",
+        "a full-precision checkpoint also lists quantization_metadata.json, which no reader uses (quantization "
+        "is null), with a wrong checksum: every listed file is verified (re-sealed)",
+        error=CORRUPTED,
+        message="checksum mismatch",
+    )
+
+
+def invalid_checksum_not_last() -> None:
+    d = checkpoint("invalid-manifest-checksum-not-last")
+    doc = _manifest.seal(read_manifest(d))  # the right checksum ...
+    (d / "manifest.json").write_bytes(_jsonio.dumps(doc))  # ... at its sorted position, not last
+    record(
+        "invalid-manifest-checksum-not-last",
+        "manifest.json with the correct manifest_checksum, but written with sorted keys, so the checksum is not "
+        "the last member (as drafts of this format wrote it)",
+        error=CORRUPTED,
+        message="must end with",
+    )
+
+
+def invalid_file_name_newline() -> None:
+    d = checkpoint("invalid-file-name-newline")
+    data = b"written by a future writer\n"
+    (d / "notes.txt").write_bytes(data)  # a reader that trimmed the name would find these bytes
+    edit_manifest(d, lambda m: m["files"].update({"notes.txt\n": {"size": len(data), "checksum": checksum(data)}}))
+    record(
+        "invalid-file-name-newline",
+        'the manifest lists "notes.txt\\n", a file name ending in a line feed (re-sealed; notes.txt exists with '
+        "the listed size and checksum)",
+        error=CORRUPTED,
+        message="is not allowed",
+    )
+
+
+GENERATORS: list[Callable[[], None]] = [
+    valid_full,
+    valid_tied,
+    valid_dtypes,
+    valid_legacy,
+    valid_root,
+    valid_root_stale_latest,
+    valid_root_latest_not_a_file,
+    valid_unknown,
+    invalid_flipped_tensor_byte,
+    invalid_flipped_manifest_byte,
+    invalid_truncated,
+    invalid_truncated_resealed,
+    invalid_missing_file,
+    invalid_schema,
+    invalid_unknown_dtype,
+    invalid_overlap,
+    invalid_gap,
+    invalid_wrong_nbytes,
+    invalid_header_too_large,
+    invalid_duplicate_header_key,
+    invalid_tensor_table,
+    invalid_version_2,
+    invalid_quantized_without_metadata,
+    invalid_symlink,
+    invalid_dotdot,
+    invalid_hostile_pickle,
+    invalid_legacy_hostile_pickle,
+    invalid_manifest_duplicate_key,
+    invalid_manifest_nan,
+    invalid_lone_surrogate,
+    invalid_number_overflow,
+    invalid_step_mismatch,
+    invalid_alias_target,
+    invalid_config_not_object,
+    invalid_unknown_file_checksum,
+    invalid_unused_known_file_checksum,
+    invalid_checksum_not_last,
+    invalid_file_name_newline,
+]
+
+
+def main() -> None:
+    if VECTORS.exists():
+        shutil.rmtree(VECTORS)
+    VECTORS.mkdir()
+    for generate in GENERATORS:
+        generate()
+    text = json.dumps(INDEX, indent=2, ensure_ascii=False) + "\n"
+    (VECTORS / "index.json").write_text(text, encoding="utf-8")
+    total = sum(p.stat().st_size for p in VECTORS.rglob("*") if p.is_file() and not p.is_symlink())
+    valid = sum(v["valid"] for v in INDEX)
+    print(f"{len(INDEX)} vectors ({valid} valid, {len(INDEX) - valid} invalid), {total} bytes in {VECTORS}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,235 @@
+"""Every committed test vector loads, or fails, exactly as format_spec/vectors/index.json says.
+
+Each vector is copied to ``tmp_path`` (symlinks kept) and read there with the working directory also in
+``tmp_path``, so a hostile pickle that ran would leave its marker where the test looks for it.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import pickle
+import random
+import shutil
+import sys
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import portable_ckpt
+from portable_ckpt import convert, load_checkpoint
+from portable_ckpt._hashing import checksum
+from portable_ckpt._inspect import validate_checkpoint
+from portable_ckpt._manifest import encode
+from portable_ckpt._safetensors import DTYPES
+from portable_ckpt.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+VECTORS = ROOT / "format_spec" / "vectors"
+INDEX: list[dict[str, Any]] = json.loads((VECTORS / "index.json").read_text(encoding="utf-8"))
+BY_NAME = {entry["name"]: entry for entry in INDEX}
+MARKERS = ("PWNED-portable-ckpt-marker", "PWNED-portable-ckpt-legacy-marker")
+HOSTILE = {"invalid-hostile-pickle": "optimizer.pt", "invalid-legacy-hostile-pickle": "model.pt"}
+
+
+@pytest.fixture
+def cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    work = tmp_path / "cwd"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    return work
+
+
+def copy_vector(name: str, tmp_path: Path) -> Path:
+    dst = tmp_path / "vectors" / name
+    shutil.copytree(VECTORS / name, dst, symlinks=True)
+    return dst
+
+
+def assert_no_marker(*places: Path) -> None:
+    for place in (*places, ROOT, VECTORS):
+        for marker in MARKERS:
+            assert not (place / marker).exists(), f"a hostile pickle ran: {place / marker} exists"
+
+
+def test_index_lists_every_vector_once():
+    names = [entry["name"] for entry in INDEX]
+    assert len(names) == len(set(names))
+    on_disk = sorted(p.name for p in VECTORS.iterdir() if p.is_dir())
+    assert sorted(names) == on_disk
+    for entry in INDEX:
+        assert set(entry) == {"name", "description", "valid", "error", "message_contains", "step"}
+        if entry["valid"]:
+            assert entry["error"] is None and type(entry["step"]) is int
+        else:
+            assert isinstance(getattr(portable_ckpt, entry["error"]), type) and entry["message_contains"]
+
+
+def test_vectors_are_small_and_survive_a_git_clone():
+    total = 0
+    for path in VECTORS.rglob("*"):
+        if path.is_symlink():
+            continue
+        if path.is_dir():
+            # git stores no empty directories: each one must hold a file for the vector to survive a clone
+            assert any(p.is_file() or p.is_symlink() for p in path.rglob("*")), f"{path} is empty"
+        else:
+            total += path.stat().st_size
+    assert total < 300_000
+
+
+@pytest.mark.parametrize("entry", INDEX, ids=[e["name"] for e in INDEX])
+def test_load_checkpoint(entry: dict[str, Any], tmp_path: Path, cwd: Path):
+    path = copy_vector(entry["name"], tmp_path)
+    if entry["valid"]:
+        ckpt = load_checkpoint(path, restore_rng=False)
+        assert ckpt.step == entry["step"]
+        assert ckpt.format_version == (0 if "legacy" in entry["name"] else 1)
+    else:
+        expected = getattr(portable_ckpt, entry["error"])
+        with pytest.raises(expected) as info:
+            load_checkpoint(path, restore_rng=False)
+        assert type(info.value).__name__ == entry["error"]
+        assert entry["message_contains"] in str(info.value)
+    assert_no_marker(cwd, path)
+
+
+@pytest.mark.parametrize("entry", INDEX, ids=[e["name"] for e in INDEX])
+def test_cli_validate(entry: dict[str, Any], tmp_path: Path, cwd: Path):
+    path = copy_vector(entry["name"], tmp_path)
+    out, err = io.StringIO(), io.StringIO()
+    rc = main(["validate", "--json", str(path)], out=out, err=err)
+    doc = json.loads(out.getvalue())
+    assert rc == (0 if entry["valid"] else 1), err.getvalue()
+    assert doc["valid"] is entry["valid"]
+    problems = doc["checkpoints"][0]["problems"]
+    if entry["valid"]:
+        assert problems == []
+    else:
+        assert any(p["error"] == entry["error"] and entry["message_contains"] in p["message"] for p in problems), (
+            problems
+        )
+    text = io.StringIO()
+    assert main(["validate", str(path)], out=text, err=io.StringIO()) == rc
+    assert text.getvalue().startswith("ok " if entry["valid"] else "INVALID ")
+    assert_no_marker(cwd, path)
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE))
+def test_hostile_pickles_would_run_code_and_never_do(name: str, tmp_path: Path, cwd: Path):
+    path = copy_vector(name, tmp_path)
+    for args in (["validate", str(path)], ["inspect", str(path)]):
+        main(args, out=io.StringIO(), err=io.StringIO())
+    with pytest.raises(portable_ckpt.CheckpointCorruptedError, match="refused to unpickle"):
+        load_checkpoint(path)
+    assert_no_marker(cwd, path)
+    # the vector has teeth: an unrestricted unpickler creates the marker in the working directory
+    with zipfile.ZipFile(path / HOSTILE[name]) as z:
+        payload = z.read(next(n for n in z.namelist() if n.endswith("/data.pkl")))
+    pickle.loads(payload)
+    assert any((cwd / marker).is_dir() for marker in MARKERS)
+
+
+def _move_checksum_last(path: Path) -> None:
+    (path / "manifest.json").write_bytes(encode(json.loads((path / "manifest.json").read_bytes())))
+
+
+def _rename_listed(path: Path) -> None:
+    doc = json.loads((path / "manifest.json").read_bytes())
+    doc["files"]["notes.txt"] = doc["files"].pop("notes.txt\n")
+    (path / "manifest.json").write_bytes(encode(doc))
+
+
+def _fix_checksum(path: Path) -> None:
+    doc = json.loads((path / "manifest.json").read_bytes())
+    doc["files"]["quantization_metadata.json"]["checksum"] = checksum(
+        (path / "quantization_metadata.json").read_bytes()
+    )
+    (path / "manifest.json").write_bytes(encode(doc))
+
+
+REPAIRS = {
+    "invalid-manifest-checksum-not-last": _move_checksum_last,  # the checksum's value is already right
+    "invalid-file-name-newline": _rename_listed,
+    "invalid-unused-file-checksum": _fix_checksum,
+}
+
+
+@pytest.mark.parametrize("name", sorted(REPAIRS))
+def test_repairing_the_one_defect_makes_the_vector_load(name: str, tmp_path: Path):
+    path = copy_vector(name, tmp_path)
+    REPAIRS[name](path)
+    assert load_checkpoint(path, restore_rng=False).step == 5
+
+
+def test_validate_reports_one_problem_per_damaged_file_else_the_first_structural_one(tmp_path: Path):
+    path = copy_vector("valid-full", tmp_path)
+    for name in ("optimizer.pt", "vocab.json"):
+        data = bytearray((path / name).read_bytes())
+        data[-2] ^= 0x01
+        (path / name).write_bytes(bytes(data))
+    problems = validate_checkpoint(path)
+    assert [(Path(p.file).name, p.error) for p in problems] == [
+        ("optimizer.pt", "CheckpointCorruptedError"),
+        ("vocab.json", "CheckpointCorruptedError"),
+    ]
+    assert all("checksum mismatch" in p.message for p in problems)
+    # files intact, structure broken: the first structural problem, as a load reports it
+    problems = validate_checkpoint(copy_vector("invalid-alias-target", tmp_path))
+    assert len(problems) == 1 and "which is not stored" in problems[0].message
+
+
+def test_valid_dtypes_holds_every_dtype(tmp_path: Path):
+    state = load_checkpoint(copy_vector("valid-dtypes", tmp_path)).model_state
+    assert {t.dtype for t in state.values()} == set(DTYPES.values())
+    assert any(t.dim() == 0 for t in state.values())
+    assert any(t.numel() == 0 for t in state.values())
+    assert state["scalar.bool"].item() is True and state["scalar.f32"].item() == -2.5
+
+
+def test_valid_tied_restores_the_tie(tmp_path: Path):
+    state = load_checkpoint(copy_vector("valid-tied", tmp_path)).model_state
+    assert state["head.weight"] is state["emb.weight"]
+
+
+def test_valid_full_restores_model_optimizer_scheduler_and_rng(tmp_path: Path):
+    sys.path.insert(0, str(ROOT / "format_spec"))
+    try:
+        import make_vectors
+    finally:
+        sys.path.remove(str(ROOT / "format_spec"))
+    path = copy_vector("valid-full", tmp_path)
+    model = make_vectors.TinyLM()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1.0)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1)
+    saved = (torch.get_rng_state(), random.getstate())
+    try:
+        ckpt = load_checkpoint(path, model, optimizer, scheduler=scheduler)
+        from safetensors.torch import load_file
+
+        rng = load_file(path / "rng.safetensors")
+        assert torch.equal(torch.get_rng_state(), rng["torch.cpu"])
+        assert list(random.getstate()[1]) == rng["python"].tolist()
+    finally:
+        torch.set_rng_state(saved[0])
+        random.setstate(saved[1])
+    assert model.head.weight is model.emb.weight
+    assert torch.equal(model.lin.weight, ckpt.model_state["lin.weight"])
+    assert optimizer.param_groups[0]["lr"] == 0.01 and len(optimizer.state) == 3
+    assert scheduler.state_dict()["step_size"] == 10
+    assert ckpt.config == {"dim": 4, "lr": 0.01, "name": "tiny"} and ckpt.vocab[0] == "<pad>"
+    assert ckpt.extra == {"run": "vectors", "tokens_seen": 1200}
+
+
+def test_valid_legacy_converts_to_format_1(tmp_path: Path):
+    src = copy_vector("valid-legacy", tmp_path)
+    old = load_checkpoint(src)
+    new = load_checkpoint(convert(src, tmp_path / "converted"))
+    assert (old.format_version, new.format_version, new.step) == (0, 1, 42)
+    assert new.model_state.keys() == old.model_state.keys()
+    assert all(torch.equal(new.model_state[k], v) for k, v in old.model_state.items())
+    assert new.manifest["aliases"] == {"head.weight": "emb.weight"}
+    assert new.extra["converted_from"]["format_version"] == 0
