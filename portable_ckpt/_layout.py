@@ -10,14 +10,22 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import io
 import os
 import re
 import shutil
+import stat
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-from ._errors import CheckpointExistsError, CheckpointNotFoundError, CheckpointWriteError
+from ._errors import (
+    CheckpointCorruptedError,
+    CheckpointError,
+    CheckpointExistsError,
+    CheckpointNotFoundError,
+    CheckpointWriteError,
+)
 
 STEP_DIR = re.compile(r"step-([0-9]{8,})")  # matched whole (fullmatch): "$" would accept a trailing newline
 LATEST = "latest"
@@ -55,6 +63,23 @@ def write_file(path: Path, data: bytes) -> None:
         os.close(fd)
 
 
+def open_regular(path: Path, what: str, missing: str | None = None) -> io.BufferedReader:
+    """Open a checkpoint file for reading; symlinks, directories, pipes and devices are refused.
+
+    O_NONBLOCK keeps a named pipe from blocking the open; it changes nothing for regular files.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except FileNotFoundError:
+        raise CheckpointNotFoundError(f"{path}: {missing or what + ' is missing'}") from None
+    except OSError as e:
+        raise CheckpointCorruptedError(f"{path}: cannot open {what} ({e.strerror}); symlinks are refused") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise CheckpointCorruptedError(f"{path}: {what} is not a regular file")
+    return os.fdopen(fd, "rb")
+
+
 def committed_steps(root: Path) -> list[int]:
     """Steps with a committed checkpoint (a step directory holding manifest.json), ascending."""
     try:
@@ -72,8 +97,9 @@ def committed_steps(root: Path) -> list[int]:
 def read_latest(root: Path) -> Path | None:
     """The checkpoint ``latest`` names, if it is committed; else the highest committed step; else None."""
     try:
-        name = (root / LATEST).read_text(encoding="utf-8").strip()
-    except (OSError, UnicodeDecodeError):  # missing, a directory, unreadable: fall back to the scan
+        with open_regular(root / LATEST, LATEST) as f:
+            name = f.read(4096).decode("utf-8").strip()
+    except (CheckpointError, OSError, UnicodeDecodeError):  # missing, not a file, unreadable: fall back to the scan
         name = ""
     if step_of(name) is not None and (root / name / "manifest.json").is_file():
         return root / name
@@ -104,12 +130,21 @@ def _replace_latest(root: Path) -> None:
     if not steps:
         return
     tmp = root / f"{TMP_PREFIX}latest-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    write_file(tmp, (step_name(steps[-1]) + "\n").encode())
-    os.replace(tmp, root / LATEST)
+    try:
+        write_file(tmp, (step_name(steps[-1]) + "\n").encode())
+        os.replace(tmp, root / LATEST)
+    except OSError:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
 
 
 def commit(tmp: Path, root: Path, step: int, *, overwrite: bool) -> Path:
-    """Move the finished temporary directory into place and point ``latest`` at the newest step."""
+    """Move the finished temporary directory into place and point ``latest`` at the newest step.
+
+    If anything fails after the rename (syncing the root, replacing ``latest``), the commit is
+    undone, so a save that raises has committed nothing.
+    """
     final = root / step_name(step)
     fsync_path(tmp)
     with locked(root):
@@ -122,13 +157,34 @@ def commit(tmp: Path, root: Path, step: int, *, overwrite: bool) -> Path:
                 )
             trash = root / f"{TRASH_PREFIX}{final.name}-{uuid.uuid4().hex[:8]}"
             os.rename(final, trash)
-        os.rename(tmp, final)
-        fsync_path(root)
-        _replace_latest(root)
-        fsync_path(root)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if trash is not None:
+                os.rename(trash, final)
+            raise
+        try:
+            fsync_path(root)
+            _replace_latest(root)
+            fsync_path(root)
+        except OSError:
+            _undo(root, final, trash)
+            raise
     if trash is not None:
         shutil.rmtree(trash, ignore_errors=True)
     return final
+
+
+def _undo(root: Path, final: Path, trash: Path | None) -> None:
+    """Best effort, on a failing disk: retire the new checkpoint, put back the one it replaced, repoint latest."""
+    with contextlib.suppress(OSError):
+        retired = root / f"{TRASH_PREFIX}{final.name}-{uuid.uuid4().hex[:8]}"
+        os.rename(final, retired)
+        shutil.rmtree(retired, ignore_errors=True)
+        if trash is not None:
+            os.rename(trash, final)
+        _replace_latest(root)
+        fsync_path(root)
 
 
 def delete(root: Path, step: int) -> None:

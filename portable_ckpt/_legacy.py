@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -40,8 +41,14 @@ def read(directory: Path, *, map_location: Any = "cpu") -> Checkpoint:
     """Read a format-0 directory into the same Checkpoint a format-1 load returns."""
     meta = _json(directory, METADATA, "legacy_metadata")
     for name in FILES:
-        if (directory / name).is_symlink():
-            raise CheckpointCorruptedError(f"{directory}/{name}: is a symlink; checkpoint files must be regular files")
+        try:
+            mode = os.lstat(directory / name).st_mode
+        except FileNotFoundError:
+            continue
+        if not stat.S_ISREG(mode):
+            raise CheckpointCorruptedError(
+                f"{directory}/{name}: not a regular file (symlinks, pipes and devices are refused)"
+            )
     state = load_pt(directory / MODEL, f"{directory}/{MODEL}", map_location, mmap=False)
     if not isinstance(state, dict) or not all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import os
-import stat
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -67,19 +66,12 @@ class _Files:
 
     def open(self, name: str) -> io.BufferedReader:
         path = self.dir / name
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-        except FileNotFoundError:
-            raise CheckpointNotFoundError(f"{path}: {name} is listed in the manifest but missing") from None
-        except OSError as e:
-            raise CheckpointCorruptedError(f"{path}: cannot open ({e.strerror}); symlinks are refused") from None
-        f = os.fdopen(fd, "rb")
-        st = os.fstat(fd)
+        f = _layout.open_regular(path, name, missing=f"{name} is listed in the manifest but missing")
+        size = os.fstat(f.fileno()).st_size
         expected = self.entries[name]["size"]
-        if not stat.S_ISREG(st.st_mode) or st.st_size != expected:
+        if size != expected:
             f.close()
-            found = f"{st.st_size} bytes" if stat.S_ISREG(st.st_mode) else "not a regular file"
-            raise CheckpointCorruptedError(f"{path}: size mismatch: the manifest says {expected} bytes, found {found}")
+            raise CheckpointCorruptedError(f"{path}: size mismatch: the manifest says {expected} bytes, found {size}")
         return f
 
     def check_digest(self, name: str, digest: str, consequence: str = "") -> None:

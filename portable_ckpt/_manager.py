@@ -14,7 +14,7 @@ from torch import nn
 
 from . import _layout, _save
 from ._checkpoint import Checkpoint
-from ._errors import CheckpointInputError, CheckpointNotFoundError
+from ._errors import CheckpointInputError, CheckpointNotFoundError, CheckpointWriteError
 from ._load import load_checkpoint
 from ._state import Stateful
 
@@ -119,7 +119,12 @@ class CheckpointManager:
 
     def _write(self, snap: _save.Snapshot) -> Path:
         path = _save.write(snap, self.root)
-        self._retain()
+        try:
+            self._retain()
+        except OSError as e:
+            raise CheckpointWriteError(
+                e.errno, f"{path} was committed, but removing older checkpoints failed: {e.strerror or e}"
+            ) from e
         return path
 
     def wait(self) -> None:

@@ -5,14 +5,13 @@ from __future__ import annotations
 import datetime as _dt
 import os
 import re
-import stat
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from . import _jsonio, _schemas
-from ._errors import CheckpointCorruptedError, CheckpointNotFoundError, UnsupportedFormatVersionError
+from . import _jsonio, _layout, _schemas
+from ._errors import CheckpointCorruptedError, UnsupportedFormatVersionError
 from ._hashing import ALGORITHM, checksum
 
 FORMAT = "portable-ckpt"
@@ -98,16 +97,8 @@ def build(
 
 def read_regular(path: Path, filename: str, limit: int | None = None) -> bytes:
     """Read a file of a checkpoint, refusing symlinks and anything but regular files."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-    except FileNotFoundError:
-        raise CheckpointNotFoundError(f"{path}: {filename} is missing") from None
-    except OSError as e:
-        raise CheckpointCorruptedError(f"{path}: cannot open {filename} ({e.strerror}); symlinks are refused") from None
-    with os.fdopen(fd, "rb") as f:
+    with _layout.open_regular(path, filename) as f:
         st = os.fstat(f.fileno())
-        if not stat.S_ISREG(st.st_mode):
-            raise CheckpointCorruptedError(f"{path}: {filename} is not a regular file")
         if limit is not None and st.st_size > limit:
             raise CheckpointCorruptedError(f"{path}: {filename} is {st.st_size} bytes, over the limit of {limit}")
         return f.read()

@@ -50,6 +50,7 @@ MAX_HEADER_BYTES = 100_000_000  # the reference implementation's limit; also the
 _ALIGN = 8
 _CHUNK = 1 << 30  # os.write/readinto move at most ~2 GiB per call on Linux
 _OVERLAP_MIN_BYTES = 1 << 20
+_MAX_INT = 1 << 64  # dimensions and offsets are u64 in the format
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,20 +189,21 @@ def _parse_entry(filename: str, name: object, raw: object, data_start: int) -> T
     if not isinstance(raw, dict) or set(raw) != {"dtype", "shape", "data_offsets"}:
         raise _bad(filename, f'tensor "{name}": entry must have exactly dtype, shape and data_offsets')
     dtype, shape, offsets = raw["dtype"], raw["shape"], raw["data_offsets"]
-    if dtype not in DTYPES:
-        raise _bad(filename, f'tensor "{name}": unknown dtype {dtype!r}')
-    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
-        raise _bad(filename, f'tensor "{name}": shape {shape!r} is not a list of non-negative integers')
-    if (
-        not isinstance(offsets, list)
-        or len(offsets) != 2
-        or not all(type(o) is int and o >= 0 for o in offsets)
-        or offsets[0] > offsets[1]
-    ):
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        shown = repr(dtype[:40]) if isinstance(dtype, str) else f"of type {type(dtype).__name__}"
+        raise _bad(filename, f'tensor "{name}": unknown dtype {shown}')
+    # bounds first: printing a 5000-digit integer would itself fail
+    if not isinstance(shape, list) or not all(type(d) is int and 0 <= d < _MAX_INT for d in shape):
+        raise _bad(filename, f'tensor "{name}": shape is not a list of integers in [0, 2**64)')
+    if not isinstance(offsets, list) or not all(type(o) is int and 0 <= o < _MAX_INT for o in offsets):
+        raise _bad(filename, f'tensor "{name}": data_offsets are not integers in [0, 2**64)')
+    if len(offsets) != 2 or offsets[0] > offsets[1]:
         raise _bad(filename, f'tensor "{name}": data_offsets {offsets!r} are not [begin, end] with begin <= end')
     numel = 1
     for d in shape:
         numel *= d
+        if numel >= _MAX_INT:
+            raise _bad(filename, f'tensor "{name}": shape of {len(shape)} dimensions holds 2**64 elements or more')
     expected = numel * ITEMSIZE[dtype]
     if offsets[1] - offsets[0] != expected:
         raise _bad(

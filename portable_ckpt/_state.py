@@ -136,14 +136,19 @@ class _HashingWriter:
         self.fd = fd
         self.hash = new_hasher()
         self.size = 0
+        self.error: OSError | None = None  # torch.save turns a failed write into a RuntimeError
 
     def write(self, data: bytes) -> int:
         view = memoryview(data).cast("B")
         n = len(view)
         self.hash.update(view)
         self.size += n
-        while view:
-            view = view[os.write(self.fd, view) :]
+        try:
+            while view:
+                view = view[os.write(self.fd, view) :]
+        except OSError as e:
+            self.error = e
+            raise
         return n
 
     def flush(self) -> None:
@@ -156,7 +161,12 @@ def save_pt(path: str | os.PathLike[str], obj: Any) -> tuple[int, str]:
     try:
         writer = _HashingWriter(fd)
         with _no_zip_crc():
-            torch.save(obj, writer)  # type: ignore[arg-type]
+            try:
+                torch.save(obj, writer)  # type: ignore[arg-type]
+            except RuntimeError:
+                if writer.error is not None:
+                    raise writer.error from None  # the disk's error, not torch's wrapper of it
+                raise
     finally:
         os.close(fd)
     return writer.size, writer.hash.hexdigest()
