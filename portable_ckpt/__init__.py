@@ -22,6 +22,7 @@ from ._load import load_checkpoint, prepare_model
 from ._manager import CheckpointManager, SaveHandle
 from ._manifest import FORMAT_VERSION, LIBRARY_VERSION
 from ._quant import is_quantized, quantize
+from ._reader import CheckpointReader, open_checkpoint
 from ._save import save_checkpoint
 
 __version__ = LIBRARY_VERSION
@@ -35,6 +36,7 @@ __all__ = [
     "CheckpointInputError",
     "CheckpointManager",
     "CheckpointNotFoundError",
+    "CheckpointReader",
     "CheckpointWriteError",
     "QuantizationMetadataError",
     "SaveHandle",
@@ -44,6 +46,7 @@ __all__ = [
     "convert",
     "is_quantized",
     "load_checkpoint",
+    "open_checkpoint",
     "prepare_model",
     "quantize",
     "save_checkpoint",

@@ -1,0 +1,106 @@
+"""The benchmark harness runs end to end (quick mode, tiny sizes) and reports every case with sane numbers.
+
+No timing assertions: the numbers depend on the machine. The checks are on completeness and on values
+that do not: byte counts, sample counts, orderings that hold by construction.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.cases import CASES, EXTRA_ROWS  # noqa: E402
+
+REPS = 2
+SIZE_MIB = 2
+TENSORS = 256
+
+
+@pytest.fixture(scope="module")
+def result(tmp_path_factory) -> tuple[dict, Path]:
+    tmp = tmp_path_factory.mktemp("bench")
+    out = tmp / "results"
+    cmd = [sys.executable, "-m", "benchmarks", "--quick", "--size-mib", str(SIZE_MIB), "--tensors", str(TENSORS),
+           "--scaling", "1,2", "--lazy-size-mib", "2", "--async-size-mib", "2", "--small-tensors", "200",
+           "--reps", str(REPS), "--out", str(out), "--workdir", str(tmp), "--json"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert list(tmp.glob("portable-ckpt-bench-*")) == []  # the work folder is removed
+    return json.loads(proc.stdout), out
+
+
+def _by_id(result: dict) -> dict[str, dict]:
+    return {row["id"]: row for row in result["rows"]}
+
+
+@pytest.mark.slow
+def test_every_case_and_row_is_reported(result):
+    doc, _ = result
+    assert doc["failures"] == []
+    cases = {row["case"] for row in doc["rows"]}
+    assert cases == (set(CASES) - {"async"}) | set(EXTRA_ROWS)  # the async case reports only its own rows
+    ids = set(_by_id(doc))
+    for state in ("model", "full"):
+        for case in ("save.raw_fsync", "save.raw", "save.ours", "save.torch", "save.torch_fsync", "load.raw",
+                     "load.ours", "load.ours_noverify", "load.torch", "load.torch_mmap"):
+            assert f"{case}:{state}" in ids
+    assert {"save.safetensors:model", "load.safetensors:model", "save.ours:small", "save.ours:few",
+            "save.ours:scale-1", "load.ours:scale-2", "lazy:lazy", "lazy.raw:lazy", "lazy:small"} <= ids
+    assert "save.safetensors:full" not in ids  # safetensors cannot hold the optimizer state
+
+
+@pytest.mark.slow
+def test_numbers_are_sane(result):
+    doc, _ = result
+    for row in doc["rows"]:
+        s = row["samples"]
+        assert len(s) == REPS, row["id"]  # the async case saves max(2, reps) times
+        assert all(x > 0 for x in s), row["id"]
+        assert row["min_s"] <= row["median_s"] <= row["max_s"], row["id"]
+        assert all(isinstance(r, int) and r >= 0 for r in row["rss_increase"]), row["id"]
+        if row["direction"] in ("save", "load"):
+            assert row["bytes"] > 0 and row["gb_per_s"] > 0, row["id"]
+        if row["baseline_id"]:
+            assert row["ratio"] > 0, row["id"]
+        if row["direction"] in ("save", "load", "lazy") and row["baseline_id"]:
+            # the raw limit was timed alternately in the same process
+            assert row["paired"] and len(row["paired_samples"]) == REPS, row["id"]
+            assert row["paired_case"] == row["baseline_id"].split(":")[0]
+
+
+@pytest.mark.slow
+def test_bytes_are_the_states(result):
+    doc, _ = result
+    rows = _by_id(doc)
+    model = rows["save.raw_fsync:model"]["bytes"]
+    assert rows["save.raw:model"]["bytes"] == model
+    assert abs(model - SIZE_MIB * 2**20) < 0.05 * SIZE_MIB * 2**20
+    # AdamW: exp_avg and exp_avg_sq per parameter (twice the model) and a 4-byte step per parameter
+    assert rows["save.raw_fsync:full"]["bytes"] == 3 * model + 4 * TENSORS
+    # ours writes the same tensor bytes plus headers, manifest, RNG state and the optimizer's pickle framing
+    for state, raw in (("model", model), ("full", 3 * model)):
+        assert raw < rows[f"save.ours:{state}"]["bytes"] < raw + (1 << 20)
+        assert rows[f"load.ours:{state}"]["bytes"] == rows[f"load.ours_noverify:{state}"]["bytes"]
+    lazy = rows["lazy:lazy"]["extra"]
+    assert lazy["tensor_bytes"] <= lazy["bytes_read"] < lazy["checkpoint_bytes"]
+    assert rows["async.call_sync:async"]["bytes"] == rows["async.call_async:async"]["bytes"] > 0
+
+
+@pytest.mark.slow
+def test_targets_and_report_files(result):
+    doc, out = result
+    assert {t["status"] for t in doc["targets"]} <= {"PASS", "FAIL", "INFO"}
+    assert len([t for t in doc["targets"] if t["status"] == "INFO"]) == 3
+    (json_file,) = out.glob("*.json")
+    (md_file,) = out.glob("*.md")
+    assert json.loads(json_file.read_text()) == doc
+    md = md_file.read_text()
+    assert "| case | state | bytes | median s |" in md and "## Targets" in md
+    assert md.count("\n| ") == len(doc["rows"]) + 1  # a table line per row, after the header
