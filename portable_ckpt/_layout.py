@@ -51,14 +51,15 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def write_file(path: Path, data: bytes) -> None:
-    """Create ``path`` (never replacing a file) with ``data``, synced to disk."""
+def write_file(path: Path, data: bytes, *, sync: bool = True) -> None:
+    """Create ``path`` (never replacing a file) with ``data``, synced to disk unless ``sync=False``."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view) :]
-        os.fsync(fd)
+        if sync:
+            os.fsync(fd)
     finally:
         os.close(fd)
 
@@ -238,7 +239,8 @@ def _owner_alive(name: str) -> bool:
 def as_write_error(e: OSError, what: str) -> CheckpointWriteError:
     reason = errno.errorcode.get(e.errno or 0, "error")
     err = CheckpointWriteError(e.errno, f"{what}: {e.strerror or e} ({reason}); nothing was committed")
-    err.filename = e.filename
+    if e.filename is not None:
+        err.filename = e.filename
     return err
 
 

@@ -360,6 +360,20 @@ KNOWN_FILES = {
 }
 
 
+def _filled_in_place(model: nn.Module, state: Mapping[str, torch.Tensor]) -> bool:
+    """Every tensor was read into the model's own memory and no module customizes loading: then
+    load_state_dict would only copy each tensor onto itself (it costs ~1 ms per 100 tensors)."""
+    own = model.state_dict(keep_vars=True)
+    if own.keys() != state.keys() or any(state[k] is not t for k, t in own.items()):
+        return False
+    return all(
+        type(m)._load_from_state_dict is nn.Module._load_from_state_dict
+        and not m._load_state_dict_pre_hooks
+        and not m._load_state_dict_post_hooks
+        for m in model.modules()
+    )
+
+
 def _restore(name: str, obj: Stateful | None, state: Any, source: Path) -> None:
     if obj is None:
         return
@@ -384,8 +398,8 @@ def apply(
         if ckpt.format_version == 0:  # format 1 matched and converted the model while reading
             shapes = {k: tuple(v.shape) for k, v in ckpt.model_state.items()}
             check_model_match(model, shapes, str(ckpt.path / "model.pt"), strict=strict)
-        # tensors read in place are the model's own: copying them onto themselves is a no-op
-        model.load_state_dict(ckpt.model_state, strict=strict)
+        if not _filled_in_place(model, ckpt.model_state):
+            model.load_state_dict(ckpt.model_state, strict=strict)
     _restore("optimizer", optimizer, ckpt.optimizer_state, ckpt.path / OPTIMIZER_FILE)
     _restore("scheduler", scheduler, ckpt.scheduler_state, ckpt.path / SCHEDULER_FILE)
     _restore("scaler", scaler, ckpt.scaler_state, ckpt.path / SCALER_FILE)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from collections.abc import Mapping
@@ -37,6 +38,12 @@ class SaveHandle:
             return self._future.result(timeout)
         finally:
             self.observed = self._future.done()
+
+
+def _lower_priority() -> None:
+    """Background saves yield the CPU to training (Linux nice is per thread; helper threads inherit it)."""
+    with contextlib.suppress(AttributeError, OSError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
 
 
 def _count(value: int | None, name: str) -> int | None:
@@ -113,7 +120,9 @@ class CheckpointManager:
             return self._write(snap)
         with self._lock:
             if self._executor is None:
-                self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="portable-ckpt-save")
+                self._executor = ThreadPoolExecutor(
+                    max_workers=1, thread_name_prefix="portable-ckpt-save", initializer=_lower_priority
+                )
             self._pending = SaveHandle(self._executor.submit(self._write, snap))
             return self._pending
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -132,48 +133,42 @@ def snapshot(
     )
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_contents(tmp: Path, snap: Snapshot) -> dict[str, dict[str, Any]]:
+    """Write every file but the manifest. Each file is fsync'd on a helper thread as soon as it is
+    written, so its writeback overlaps the serialization of the next; all syncs end before return."""
     files: dict[str, dict[str, Any]] = {}
+    with ThreadPoolExecutor(max_workers=4, thread_name_prefix="portable-ckpt-fsync") as syncer:
+        syncs = []
 
-    def tensors_file(name: str, tensors: dict[str, torch.Tensor], per_tensor: bool) -> None:
-        result = _safetensors.write_file(tmp / name, tensors)
-        _fsync(tmp / name)
-        files[name] = {"size": result.size, "checksum": result.checksum}
-        if per_tensor:
-            files[name]["tensors"] = result.tensor_checksums
-
-    def pt_file(name: str, state: Any) -> None:
-        if state is not None:
-            size, digest = save_pt(tmp / name, state)
-            _fsync(tmp / name)
+        def written(name: str, size: int, digest: str) -> None:
             files[name] = {"size": size, "checksum": digest}
+            syncs.append(syncer.submit(_layout.fsync_path, tmp / name))
 
-    def json_file(name: str, doc: Any) -> None:
-        if doc is not None:
-            data = _jsonio.dumps(doc)
-            _layout.write_file(tmp / name, data)
-            files[name] = {"size": len(data), "checksum": checksum(data)}
-
-    tensors_file(MODEL_FILE, snap.tensors, per_tensor=True)
-    pt_file(OPTIMIZER_FILE, snap.optimizer)
-    pt_file(SCHEDULER_FILE, snap.scheduler)
-    pt_file(SCALER_FILE, snap.scaler)
-    if snap.rng_doc is not None:
-        tensors_file(_rng.TENSOR_FILE, snap.rng_tensors, per_tensor=False)
-        json_file(_rng.JSON_FILE, snap.rng_doc)
-    json_file(CONFIG_FILE, snap.config)
-    json_file(VOCAB_FILE, snap.vocab)
-    if snap.quantization is not None:
-        _schemas.validate(snap.quantization, "quantization_metadata", QUANT_FILE)
-        json_file(QUANT_FILE, snap.quantization)
+        result = _safetensors.write_file(tmp / MODEL_FILE, snap.tensors)
+        written(MODEL_FILE, result.size, result.checksum)
+        files[MODEL_FILE]["tensors"] = result.tensor_checksums
+        for name, state in (
+            (OPTIMIZER_FILE, snap.optimizer),
+            (SCHEDULER_FILE, snap.scheduler),
+            (SCALER_FILE, snap.scaler),
+        ):
+            if state is not None:
+                written(name, *save_pt(tmp / name, state))
+        docs: dict[str, Any] = {CONFIG_FILE: snap.config, VOCAB_FILE: snap.vocab}
+        if snap.rng_doc is not None:
+            result = _safetensors.write_file(tmp / _rng.TENSOR_FILE, snap.rng_tensors)
+            written(_rng.TENSOR_FILE, result.size, result.checksum)
+            docs[_rng.JSON_FILE] = snap.rng_doc
+        if snap.quantization is not None:
+            _schemas.validate(snap.quantization, "quantization_metadata", QUANT_FILE)
+            docs[QUANT_FILE] = snap.quantization
+        for name, doc in docs.items():
+            if doc is not None:
+                data = _jsonio.dumps(doc)
+                _layout.write_file(tmp / name, data, sync=False)
+                written(name, len(data), checksum(data))
+        for done in syncs:
+            done.result()  # re-raises a failed fsync
     return files
 
 
