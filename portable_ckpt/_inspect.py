@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from . import _jsonio, _legacy, _manifest, _safetensors
+from . import _legacy, _manifest, _safetensors
 from ._errors import CheckpointError
 from ._load import KNOWN_FILES, _Files, _quantization, read_checkpoint, resolve
 from ._save import MODEL_FILE
@@ -42,17 +42,16 @@ def validate_checkpoint(path: str | os.PathLike[str]) -> list[Problem]:
             return [_problem(e, str(directory))]
         return []
     try:
-        data = _manifest.read_regular(directory / _manifest.MANIFEST, _manifest.MANIFEST, _jsonio.MAX_JSON_BYTES)
-        manifest = _manifest.parse(data, where=str(directory))
+        files = _Files(directory, verify=True)
     except CheckpointError as e:
         return [_problem(e, str(directory / _manifest.MANIFEST))]
-    files = _Files(directory, manifest, verify=True)
     problems: list[Problem] = []
-    for name in sorted(files.entries):  # every file's kind, size and checksum, each reported
-        try:
-            files.verify_file(name)
-        except CheckpointError as e:
-            problems.append(_problem(e, files.label(name)))
+    with files:
+        for name in sorted(files.entries):  # every file's kind, size and checksum, each reported
+            try:
+                files.verify_file(name)
+            except CheckpointError as e:
+                problems.append(_problem(e, files.label(name)))
     if problems:
         return problems
     try:  # then every structural check a load makes, on the verified files
@@ -79,16 +78,15 @@ def inspect_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
             "aliases": {},
             "quantization": None,
         }
-    data = _manifest.read_regular(directory / _manifest.MANIFEST, _manifest.MANIFEST, _jsonio.MAX_JSON_BYTES)
-    manifest = _manifest.parse(data, where=str(directory))
-    files = _Files(directory, manifest, verify=False)
-    with files.open(MODEL_FILE) as f:
-        header, _ = _safetensors.read_header(f, manifest["files"][MODEL_FILE]["size"], files.label(MODEL_FILE))
-    quant = None
-    if manifest.get("quantization") is not None:
-        meta = _quantization(files, manifest, header)
-        if meta is not None:
-            quant = {**manifest["quantization"], **_quant_sizes(meta, header)}
+    with _Files(directory, verify=False) as files:
+        manifest = files.manifest
+        with files.open(MODEL_FILE) as f:
+            header, _ = _safetensors.read_header(f, manifest["files"][MODEL_FILE]["size"], files.label(MODEL_FILE))
+        quant = None
+        if manifest.get("quantization") is not None:
+            meta = _quantization(files, manifest, header)
+            if meta is not None:
+                quant = {**manifest["quantization"], **_quant_sizes(meta, header)}
     return {
         "path": str(directory),
         "format_version": manifest["format_version"],

@@ -31,7 +31,8 @@ STEP_DIR = re.compile(r"step-([0-9]{8,})")  # matched whole (fullmatch): "$" wou
 LATEST = "latest"
 LOCK = ".lock"
 TMP_PREFIX = ".tmp-"  # a save in progress (or crashed)
-TRASH_PREFIX = ".trash-"  # a checkpoint being deleted or replaced
+TRASH_PREFIX = ".trash-"  # a checkpoint being deleted
+REPLACED_PREFIX = ".replaced-"  # a complete checkpoint moved aside by an overwrite, until the new one is in place
 
 
 def step_name(step: int) -> str:
@@ -64,13 +65,16 @@ def write_file(path: Path, data: bytes, *, sync: bool = True) -> None:
         os.close(fd)
 
 
-def open_regular(path: Path, what: str, missing: str | None = None) -> io.BufferedReader:
+def open_regular(path: Path, what: str, missing: str | None = None, *, dir_fd: int | None = None) -> io.BufferedReader:
     """Open a checkpoint file for reading; symlinks, directories, pipes and devices are refused.
 
-    O_NONBLOCK keeps a named pipe from blocking the open; it changes nothing for regular files.
+    With ``dir_fd`` the file is opened by name inside that open directory (``path`` names it in
+    messages). O_NONBLOCK keeps a named pipe from blocking the open; it changes nothing for regular files.
     """
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        fd = os.open(
+            path.name if dir_fd is not None else path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=dir_fd
+        )
     except FileNotFoundError:
         raise CheckpointNotFoundError(f"{path}: {missing or what + ' is missing'}") from None
     except OSError as e:
@@ -79,6 +83,17 @@ def open_regular(path: Path, what: str, missing: str | None = None) -> io.Buffer
         os.close(fd)
         raise CheckpointCorruptedError(f"{path}: {what} is not a regular file")
     return os.fdopen(fd, "rb")
+
+
+def open_dir(path: Path) -> int:
+    """A descriptor of a checkpoint directory: every file is then opened through it, so a reader
+    sees one checkpoint even if the name is renamed away (retention, overwrite) while it reads."""
+    try:
+        return os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    except FileNotFoundError:
+        raise CheckpointNotFoundError(f"{path}: no such checkpoint directory (removed by retention?)") from None
+    except OSError as e:
+        raise CheckpointCorruptedError(f"{path}: cannot open the checkpoint directory ({e.strerror})") from None
 
 
 def committed_steps(root: Path) -> list[int]:
@@ -156,7 +171,7 @@ def commit(tmp: Path, root: Path, step: int, *, overwrite: bool) -> Path:
                     f"{final}: a checkpoint for step {step} already exists; "
                     "pass overwrite=True to replace it, or save a new step"
                 )
-            trash = root / f"{TRASH_PREFIX}{final.name}-{uuid.uuid4().hex[:8]}"
+            trash = root / f"{REPLACED_PREFIX}{final.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
             os.rename(final, trash)
         try:
             os.rename(tmp, final)
@@ -200,28 +215,39 @@ def delete(root: Path, step: int) -> None:
 
 
 def clean_temporaries(root: Path) -> list[str]:
-    """Remove leftovers of crashed saves and deletions whose writer is gone; returns their names."""
+    """Remove leftovers of crashed saves and deletions whose writer is gone; returns their names.
+
+    A checkpoint an overwrite moved aside (``.replaced-step-N-...``) whose writer died before the new
+    one took its place is put back, not deleted: it is complete, and it is the only copy of step N.
+    """
     removed: list[str] = []
     try:
         names = os.listdir(root)
     except FileNotFoundError:
         return removed
-    for name in names:
-        if not name.startswith((TMP_PREFIX, TRASH_PREFIX)) or _owner_alive(name):
-            continue
-        path = root / name
-        if path.is_dir():
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
-        removed.append(name)
+    with locked(root):  # a live writer's commit holds the lock between its two renames
+        for name in sorted(names):
+            if not name.startswith((TMP_PREFIX, TRASH_PREFIX, REPLACED_PREFIX)) or _owner_alive(name):
+                continue
+            path = root / name
+            m = re.fullmatch(rf"{re.escape(REPLACED_PREFIX)}(step-[0-9]+)-[0-9]+-[0-9a-f]+", name)
+            if m is not None and not (root / m.group(1)).exists():
+                with contextlib.suppress(OSError):  # a failing disk: leave it for the next opening
+                    os.rename(path, root / m.group(1))
+                    _replace_latest(root)
+                continue
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+            removed.append(name)
     return removed
 
 
 def _owner_alive(name: str) -> bool:
-    """Temporaries carry the writer's pid; one of a live process (not ours) may still be in use."""
-    m = re.match(r"^\.tmp-(?:step-[0-9]+|latest)-([0-9]+)-", name)
+    """Temporaries carry the writer's pid; one of a live process (or our own) may still be in use."""
+    m = re.match(r"^\.(?:tmp|replaced)-(?:step-[0-9]+|latest)-([0-9]+)-", name)
     if m is None:
         return False
     pid = int(m.group(1))

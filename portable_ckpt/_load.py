@@ -54,19 +54,55 @@ def resolve(path: str | os.PathLike[str]) -> Path:
 
 
 class _Files:
-    """Opens the files a manifest lists, checking kind, size and (when verifying) checksum."""
+    """One checkpoint directory, held open: its manifest, and the files it lists, each checked for
+    kind, size and (when verifying) checksum. Every file is opened through the directory's
+    descriptor, so a concurrent overwrite or retention cannot mix two checkpoints."""
 
-    def __init__(self, directory: Path, manifest: dict[str, Any], verify: bool) -> None:
+    def __init__(self, directory: Path, verify: bool) -> None:
         self.dir = directory
-        self.entries: dict[str, dict[str, Any]] = manifest["files"]
         self.verify = verify
+        self.fd = _layout.open_dir(directory)
+        try:
+            with _layout.open_regular(directory / _manifest.MANIFEST, _manifest.MANIFEST, dir_fd=self.fd) as f:
+                size = os.fstat(f.fileno()).st_size
+                if size > _jsonio.MAX_JSON_BYTES:
+                    raise CheckpointCorruptedError(
+                        f"{directory}/{_manifest.MANIFEST}: {size} bytes, over the limit of {_jsonio.MAX_JSON_BYTES}"
+                    )
+                self.manifest = _manifest.parse(f.read(), where=str(directory))
+            dir_step = _layout.step_of(directory.name)
+            if dir_step is not None and dir_step != self.manifest["step"]:
+                raise CheckpointCorruptedError(
+                    f"{directory}/manifest.json: step is {self.manifest['step']} but the directory is named for "
+                    f"step {dir_step}"
+                )
+        except BaseException:
+            os.close(self.fd)
+            raise
+        self.entries: dict[str, dict[str, Any]] = self.manifest["files"]
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+    def __enter__(self) -> _Files:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def exists(self, name: str) -> bool:
+        try:
+            os.stat(name, dir_fd=self.fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return False
+        return True
 
     def label(self, name: str) -> str:
         return f"{self.dir}/{name}"
 
     def open(self, name: str) -> io.BufferedReader:
         path = self.dir / name
-        f = _layout.open_regular(path, name, missing=f"{name} is listed in the manifest but missing")
+        f = _layout.open_regular(path, name, missing=f"{name} is listed in the manifest but missing", dir_fd=self.fd)
         size = os.fstat(f.fileno()).st_size
         expected = self.entries[name]["size"]
         if size != expected:
@@ -128,8 +164,19 @@ class _Files:
         return header, tensors
 
     def read_pt(self, name: str, map_location: Any) -> Any:
-        self.verify_file(name)
-        return load_pt(self.dir / name, self.label(name), map_location)
+        """torch.load the very file that was verified (through its descriptor), memory-mapped."""
+        with self.open(name) as f:
+            if self.verify:
+                h = new_hasher()
+                buf = bytearray(_HASH_CHUNK)
+                while n := f.readinto(buf):
+                    h.update(memoryview(buf)[:n])
+                self.check_digest(name, h.hexdigest())
+            proc = f"/proc/self/fd/{f.fileno()}"
+            if os.path.exists(proc):
+                return load_pt(proc, self.label(name), map_location)
+            f.seek(0)
+            return load_pt(f, self.label(name), map_location, mmap=False)  # type: ignore[arg-type]
 
 
 def _check_tensor_table(files: _Files, header: _safetensors.Header) -> None:
@@ -159,7 +206,7 @@ def _quantization(files: _Files, manifest: dict[str, Any], header: _safetensors.
     if summary is None:
         return None
     name = summary["metadata_file"]
-    if name not in files.entries or not (files.dir / name).exists():
+    if name not in files.entries or not files.exists(name):
         raise QuantizationMetadataError(
             f"{files.label(name)}: the quantization metadata file is missing, but the manifest says the model "
             f"is quantized (mode {summary['mode']}, {summary['bits']} bits)"
@@ -213,14 +260,13 @@ def prepare_model(path: str | os.PathLike[str], model: nn.Module) -> nn.Module:
     directory = resolve(path)
     if not (directory / _manifest.MANIFEST).exists():
         return model  # format 0 has no quantization
-    data = _manifest.read_regular(directory / _manifest.MANIFEST, _manifest.MANIFEST, _jsonio.MAX_JSON_BYTES)
-    manifest = _manifest.parse(data, where=str(directory))
-    if manifest.get("quantization") is None:
-        return model
-    files = _Files(directory, manifest, verify=True)
-    with files.open(MODEL_FILE) as f:
-        header, _ = _safetensors.read_header(f, files.entries[MODEL_FILE]["size"], files.label(MODEL_FILE))
-    quant = _quantization(files, manifest, header)
+    with _Files(directory, verify=True) as files:
+        manifest = files.manifest
+        if manifest.get("quantization") is None:
+            return model
+        with files.open(MODEL_FILE) as f:
+            header, _ = _safetensors.read_header(f, files.entries[MODEL_FILE]["size"], files.label(MODEL_FILE))
+        quant = _quantization(files, manifest, header)
     if quant is not None:
         _quant.apply_quantization(model, quant)
     return model
@@ -261,14 +307,14 @@ def read_checkpoint(
     converted to the checkpoint's quantized form if needed, matched against the stored names and
     shapes, and its CPU tensors are filled in place as the bytes arrive.
     """
-    data = _manifest.read_regular(directory / _manifest.MANIFEST, _manifest.MANIFEST, _jsonio.MAX_JSON_BYTES)
-    manifest = _manifest.parse(data, where=str(directory))
-    dir_step = _layout.step_of(directory.name)
-    if dir_step is not None and dir_step != manifest["step"]:
-        raise CheckpointCorruptedError(
-            f"{directory}/manifest.json: step is {manifest['step']} but the directory is named for step {dir_step}"
-        )
-    files = _Files(directory, manifest, verify)
+    with _Files(directory, verify) as files:
+        return _read(files, map_location=map_location, model=model, optimizer=optimizer, strict=strict)
+
+
+def _read(
+    files: _Files, *, map_location: Any, model: nn.Module | None, optimizer: torch.optim.Optimizer | None, strict: bool
+) -> tuple[Checkpoint, dict[str, Any] | None]:
+    directory, manifest, verify = files.dir, files.manifest, files.verify
     listed = files.entries
     config = files.read_json(CONFIG_FILE, None) if CONFIG_FILE in listed else {}
     if not isinstance(config, dict):

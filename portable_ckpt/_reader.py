@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from . import _jsonio, _layout, _legacy, _manifest, _safetensors
+from . import _legacy, _manifest, _safetensors
 from ._errors import CheckpointCorruptedError, CheckpointInputError
 from ._hashing import checksum
 from ._load import _check_aliases, _check_tensor_table, _Files, resolve
@@ -146,15 +146,9 @@ def open_checkpoint(path: str | os.PathLike[str]) -> CheckpointReader:
             f"{directory}: a format-0 checkpoint (model.pt) has no per-tensor layout to read lazily; "
             "load it with load_checkpoint, or convert it with portable_ckpt.convert"
         )
-    data = _manifest.read_regular(manifest_path, _manifest.MANIFEST, _jsonio.MAX_JSON_BYTES)
-    manifest = _manifest.parse(data, where=str(directory))
-    dir_step = _layout.step_of(directory.name)
-    if dir_step is not None and dir_step != manifest["step"]:
-        raise CheckpointCorruptedError(
-            f"{manifest_path}: step is {manifest['step']} but the directory is named for step {dir_step}"
-        )
-    files = _Files(directory, manifest, verify=True)
-    f = files.open(MODEL_FILE)  # checks kind and size against the manifest
+    with _Files(directory, verify=True) as files:
+        manifest = files.manifest
+        f = files.open(MODEL_FILE)  # checks kind and size; stays open after the directory is released
     try:
         header, _ = _safetensors.read_header(f, manifest["files"][MODEL_FILE]["size"], files.label(MODEL_FILE))
         _check_tensor_table(files, header)

@@ -1,0 +1,378 @@
+"""Fuzzing the readers with hypothesis: whatever the bytes, a reader raises a CheckpointError subclass or
+returns something that keeps the format's promises; it never raises anything else, hangs, or allocates
+in proportion to what a header claims rather than to what the file holds.
+
+Targets: manifest.json (``_manifest.parse``), the other JSON documents (``_jsonio.loads`` +
+``_schemas.validate``, and ``_quant.check_metadata`` behind them), safetensors headers
+(``_safetensors.parse_header``, arbitrary bytes and structured headers claiming huge sizes), legacy
+format-0 directories (``_legacy.read``), and whole checkpoints whose files are mutated and re-checksummed.
+
+The default suite runs a fixed, derandomized number of examples per target; ``tests/stress.py`` runs
+many more, with random seeds, through :func:`run_target`.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import io
+import json
+import shutil
+import struct
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import faults
+import hypothesis
+import pytest
+import safetensors.torch
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import portable_ckpt as pc
+from portable_ckpt import _jsonio, _legacy, _manifest, _quant, _safetensors, _schemas, _state
+
+EXAMPLES = 200  # per target, in the default suite
+EXAMPLES_SLOW = 60  # targets that load whole checkpoints or torch.load a file
+EXAMPLES_RUN: collections.Counter[str] = collections.Counter()  # examples actually run, per target (stress)
+
+# --- valid documents to start mutations from (built in memory) -------------------------------------
+
+
+def _manifest_doc() -> dict[str, Any]:
+    files = {name: {"size": 10 + i, "checksum": f"{i:032x}"} for i, name in enumerate(faults.FILES[:-1])}
+    files["model.safetensors"]["tensors"] = {"emb.weight": "0" * 32, "lin.bias": "1" * 32}
+    return _manifest.build(step=3, files=files, aliases={"head.weight": "emb.weight"},
+                           rng=["python", "torch.cpu"], quantization=None, extra={"note": "fuzz"})
+
+
+MANIFEST = _manifest_doc()
+QUANT_MODEL = faults.quantized_model()
+QUANT_META = _quant.quantization_metadata(QUANT_MODEL)
+QUANT_TENSORS = {k: (_safetensors.DTYPE_NAMES[v.dtype], list(v.shape)) for k, v in QUANT_MODEL.state_dict().items()}
+RNG_DOC = {"python": {"version": 3, "gauss_next": None}, "numpy": {"bit_generator": "MT19937", "pos": 624,
+           "has_gauss": 0, "cached_gaussian": 0.0}, "torch": {"cpu": True, "cuda_devices": 0}}
+SAFETENSORS = safetensors.torch.save({"a": torch.arange(6, dtype=torch.float32).reshape(2, 3),
+                                      "b": torch.ones(4, dtype=torch.int64), "c": torch.zeros(0)})
+
+
+def _torch_bytes(obj: Any) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+MODEL_PT = _torch_bytes({"lin.weight": torch.ones(3, 4), "lin.bias": torch.zeros(3)})
+
+# --- strategies -----------------------------------------------------------------------------------
+
+json_scalars = st.one_of(st.none(), st.booleans(), st.integers(-(2**70), 2**70),
+                         st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=12))
+json_values = st.recursive(json_scalars, lambda inner: st.one_of(
+    st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=8), inner, max_size=4)), max_leaves=12)
+
+
+def _paths(doc: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    """Every location in a JSON document (dict keys and list indices)."""
+    found = [prefix]
+    if isinstance(doc, dict):
+        for k, v in doc.items():
+            found += _paths(v, (*prefix, k))
+    elif isinstance(doc, list):
+        for i, v in enumerate(doc):
+            found += _paths(v, (*prefix, i))
+    return found
+
+
+@st.composite
+def mutated_doc(draw: st.DrawFn, base: Any) -> Any:
+    """``base`` with a few locations replaced by arbitrary JSON values or deleted."""
+    doc = json.loads(json.dumps(base))
+    for _ in range(draw(st.integers(1, 3))):
+        path = draw(st.sampled_from(_paths(doc)))
+        if not path:
+            return draw(json_values)
+        parent = doc
+        for key in path[:-1]:
+            parent = parent[key]
+        if isinstance(parent, dict) and draw(st.booleans()):
+            del parent[path[-1]]
+        else:
+            parent[path[-1]] = draw(json_values)
+    return doc
+
+
+@st.composite
+def mutated_bytes(draw: st.DrawFn, blob: bytes) -> bytes:
+    """``blob`` with a few bytes changed, maybe cut short, maybe with bytes inserted."""
+    data = bytearray(blob)
+    for _ in range(draw(st.integers(0, 4))):
+        i = draw(st.integers(0, len(data) - 1))
+        data[i] ^= draw(st.integers(1, 255))
+    if draw(st.booleans()):
+        at = draw(st.integers(0, len(data)))
+        data[at:at] = draw(st.binary(min_size=1, max_size=16))
+    if draw(st.integers(0, 3)) == 0:
+        del data[draw(st.integers(0, len(data))):]
+    return bytes(data)
+
+
+def json_bytes(base: Any) -> st.SearchStrategy[bytes]:
+    return st.one_of(
+        st.binary(max_size=200),
+        json_values.map(lambda v: json.dumps(v).encode()),
+        mutated_doc(base).map(lambda v: json.dumps(v).encode()),
+        mutated_bytes(json.dumps(base).encode()),
+    )
+
+
+DTYPE_NAMES = [*_safetensors.DTYPES, "F128", "f32", "", "BOOL "]
+huge_ints = st.one_of(st.integers(0, 64), st.integers(-5, 2**70), st.sampled_from([2**31, 2**32, 2**60, 2**63, 2**64]))
+
+
+@st.composite
+def structured_header(draw: st.DrawFn) -> tuple[bytes, int]:
+    """A safetensors prefix with a plausible-looking but wrong header; and the file size it claims."""
+    header: dict[str, Any] = {}
+    offset = 0
+    for i in range(draw(st.integers(0, 4))):
+        dtype = draw(st.sampled_from(DTYPE_NAMES))
+        shape = draw(st.lists(huge_ints, max_size=4))
+        size = draw(st.one_of(huge_ints, st.just(len(shape) and 4)))
+        begin = draw(st.one_of(st.just(offset), huge_ints))
+        header[draw(st.text(max_size=6)) or f"t{i}"] = {"dtype": dtype, "shape": shape,
+                                                       "data_offsets": [begin, begin + size]}
+        offset = begin + size
+    if draw(st.booleans()):
+        header["__metadata__"] = draw(st.one_of(st.dictionaries(st.text(max_size=4), st.text(max_size=4)), json_values))
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    claimed = draw(st.one_of(st.just(8 + len(raw) + offset), huge_ints))
+    return struct.pack("<Q", len(raw)) + raw, claimed
+
+
+# --- targets: name -> (strategy, check(value, workdir)) -------------------------------------------
+
+TARGETS: dict[str, tuple[st.SearchStrategy[Any], Callable[[Any, Path], None]]] = {}
+
+
+def target(name: str, strategy: st.SearchStrategy[Any]) -> Callable[[Callable[[Any, Path], None]],
+                                                                       Callable[[Any, Path], None]]:
+    def register(check: Callable[[Any, Path], None]) -> Callable[[Any, Path], None]:
+        TARGETS[name] = (strategy, check)
+        return check
+
+    return register
+
+
+@target("manifest-bytes", st.one_of(st.binary(max_size=3000), mutated_bytes(_manifest.encode(MANIFEST))))
+def check_manifest_bytes(data: bytes, workdir: Path) -> None:
+    try:
+        doc = _manifest.parse(data, where="fuzz")
+    except pc.CheckpointError:
+        return
+    check_parsed_manifest(doc)
+
+
+def check_parsed_manifest(doc: dict[str, Any]) -> None:
+    """What a parsed manifest promises the code that uses it."""
+    assert type(doc["step"]) is int and doc["step"] >= 0, doc["step"]
+    for name, entry in doc["files"].items():
+        assert _manifest.FILE_NAME.fullmatch(name), name
+        assert type(entry["size"]) is int and entry["size"] >= 0, entry
+
+
+@target("manifest-sealed", st.tuples(mutated_doc(MANIFEST), st.booleans()))
+def check_manifest_sealed(value: tuple[Any, bool], workdir: Path) -> None:
+    """An attacker's manifest: arbitrary edits, then (when it can be) sealed with a correct checksum."""
+    doc, seal = value
+    data = _manifest.encode(_manifest.seal(doc)) if seal and isinstance(doc, dict) else json.dumps(doc).encode()
+    check_manifest_bytes(data, workdir)
+
+
+@target("json-documents", st.one_of(
+    st.tuples(st.just("quantization_metadata"), json_bytes(QUANT_META)),
+    st.tuples(st.just("rng"), json_bytes(RNG_DOC)),
+    st.tuples(st.just("vocab"), json_bytes(faults.VOCAB)),
+    st.tuples(st.just("vocab"), json_bytes({"a": 0, "b": 1})),
+    st.tuples(st.just("legacy_metadata"), json_bytes({"step": 5})),
+))
+def check_json_document(value: tuple[str, bytes], workdir: Path) -> None:
+    kind, data = value
+    try:
+        doc = _jsonio.loads(data, f"{kind}.json")
+        _schemas.validate(doc, kind, f"{kind}.json")
+        if kind == "quantization_metadata":
+            _quant.check_metadata(doc, QUANT_TENSORS, filename="quantization_metadata.json")
+    except pc.CheckpointError:
+        return
+
+
+@target("header-bytes", st.tuples(st.one_of(st.binary(max_size=300), mutated_bytes(SAFETENSORS)),
+                                  st.one_of(st.just(-1), huge_ints)))
+def check_header_bytes(value: tuple[bytes, int], workdir: Path) -> None:
+    data, size = value
+    check_header(data, len(data) if size < 0 else size)
+
+
+@target("header-structured", structured_header())
+def check_header_structured(value: tuple[bytes, int], workdir: Path) -> None:
+    check_header(*value)
+
+
+def check_header(prefix: bytes, file_size: int) -> None:
+    """parse_header refuses, or returns entries that tile the file exactly as their shapes say."""
+    try:
+        header = _safetensors.parse_header(prefix, file_size, "fuzz.safetensors")
+    except pc.CheckpointCorruptedError:
+        return
+    cursor = header.data_start
+    for e in header.entries:
+        numel = 1
+        for d in e.shape:
+            numel *= d
+        assert e.start == cursor and e.end - e.start == numel * _safetensors.ITEMSIZE[e.dtype], e
+        cursor = e.end
+    assert cursor == file_size
+
+
+def _write_legacy(directory: Path, metadata: bytes, model: bytes) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "metadata.json").write_bytes(metadata)
+    (directory / "model.pt").write_bytes(model)
+
+
+@target("legacy-directory", st.tuples(json_bytes({"step": 5}), st.one_of(
+    mutated_bytes(MODEL_PT), st.binary(max_size=200), st.just(MODEL_PT))))
+def check_legacy(value: tuple[bytes, bytes], workdir: Path) -> None:
+    directory = workdir / "legacy"
+    _write_legacy(directory, *value)
+    try:
+        ckpt = _legacy.read(directory)
+    except pc.CheckpointError:
+        return
+    assert type(ckpt.step) is int and ckpt.step >= 0
+    assert all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in ckpt.model_state.items())
+
+
+_PRISTINE: dict[Path, Path] = {}
+
+
+def _pristine(workdir: Path) -> Path:
+    if workdir not in _PRISTINE:
+        _PRISTINE[workdir] = faults.save_step(workdir / "pristine", 3)
+    return _PRISTINE[workdir]
+
+
+def _load_mutated(workdir: Path, name: str, data: bytes, recompute: bool) -> None:
+    copy = workdir / "mutated" / "step-00000003"
+    if copy.exists():
+        shutil.rmtree(copy)
+    shutil.copytree(_pristine(workdir), copy)
+    (copy / name).write_bytes(data)
+    if recompute:
+        faults.recompute(copy)
+    for verify in (True, False):
+        try:
+            with faults.preserved_rng():
+                pc.load_checkpoint(copy, verify=verify)
+        except pc.CheckpointError:
+            continue
+        if verify and not recompute:
+            assert data == (_pristine(workdir) / name).read_bytes(), "damage loaded with verify=True"
+
+
+def _model_blob() -> bytes:
+    """The bytes of model.safetensors in a checkpoint of ``make_state(3)``: the official library writes
+    the same bytes (tied weights stored once)."""
+    tensors, _ = _state.model_state(faults.make_state(3)[0])
+    return safetensors.torch.save({k: v.detach() for k, v in tensors.items()})
+
+
+@target("checkpoint-model.safetensors", st.tuples(mutated_bytes(_model_blob()), st.booleans()))
+def check_checkpoint_safetensors(value: tuple[bytes, bool], workdir: Path) -> None:
+    _load_mutated(workdir, "model.safetensors", *value)
+
+
+@target("checkpoint-optimizer.pt", st.tuples(mutated_bytes(_torch_bytes(faults.make_state(3)[1].state_dict())),
+                                            st.booleans()))
+def check_checkpoint_optimizer(value: tuple[bytes, bool], workdir: Path) -> None:
+    _load_mutated(workdir, "optimizer.pt", *value)
+
+
+SLOW = {"checkpoint-model.safetensors", "checkpoint-optimizer.pt", "legacy-directory"}
+
+
+def run_target(name: str, examples: int, workdir: Path, *, seed: int | None = None) -> None:
+    """Run one fuzz target for ``examples`` examples: derandomized (the default suite), or from ``seed``."""
+    strategy, check = TARGETS[name]
+    workdir.mkdir(parents=True, exist_ok=True)
+
+    @settings(max_examples=examples, deadline=None, database=None, derandomize=seed is None,
+              suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much, HealthCheck.data_too_large])
+    @given(strategy)
+    def fuzz(value: Any) -> None:
+        EXAMPLES_RUN[name] += 1
+        with faults.deadline(30):
+            check(value, workdir)
+
+    if seed is not None:
+        fuzz = hypothesis.seed(seed)(fuzz)
+    fuzz()
+
+
+@pytest.mark.parametrize("name", sorted(TARGETS))
+def test_fuzz(name: str, tmp_path: Path) -> None:
+    run_target(name, EXAMPLES_SLOW if name in SLOW else EXAMPLES, tmp_path)
+
+
+# --- explicit hostile headers: bounded time and memory ----------------------------------------------
+
+
+@pytest.mark.parametrize("claim", [[2**30, 2**30], [2**60], [2**31] * 3, [1] * 10_000])
+def test_header_claiming_a_huge_tensor_allocates_nothing(tmp_path: Path, claim: list[int]) -> None:
+    """A checkpoint whose header claims an exabyte tensor, with every checksum recomputed: refused, quickly,
+    without the memory the claim would need."""
+    ckdir = faults.save_step(tmp_path / "root", 3)
+    header, data = faults.st_split((ckdir / "model.safetensors").read_bytes())
+    first = min(header, key=lambda n: header[n]["data_offsets"])
+    numel = 1
+    for d in claim:
+        numel *= d
+    header[first] = {"dtype": "F32", "shape": claim, "data_offsets": [0, 4 * numel]}
+    (ckdir / "model.safetensors").write_bytes(faults.st_pack(header, data))
+    faults.recompute(ckdir)
+    with faults.peak_rss() as grew, faults.deadline(5):
+        for verify in (True, False):
+            with pytest.raises(pc.CheckpointCorruptedError, match=r"model\.safetensors"):
+                pc.load_checkpoint(ckdir, verify=verify, restore_rng=False)
+    assert grew[0] < 64 << 20, f"peak memory grew by {grew[0] >> 20} MiB"
+
+
+def test_header_with_many_huge_dimensions_is_refused_quickly() -> None:
+    """300 dimensions of 4,000 digits each (a 1.2 MB header, far under the 100 MB limit): the product has
+    1.2 million digits. Refusing it must not cost that multiplication, nor fail on printing it."""
+    dims = ",".join(["9" * 4000] * 300)
+    raw = f'{{"a":{{"dtype":"F32","shape":[{dims}],"data_offsets":[0,4]}}}}'.encode()
+    prefix = faults.st_pack(raw, b"")
+    with faults.deadline(1), pytest.raises(pc.CheckpointCorruptedError, match=r"fuzz\.safetensors"):
+        _safetensors.parse_header(prefix, len(prefix) + 4, "fuzz.safetensors")
+
+
+@pytest.mark.parametrize("depth", [100, 900, 990, 1000, 1100, 5000, 200_000])
+def test_deeply_nested_json_is_refused_or_read(depth: int) -> None:
+    """Nesting around Python's recursion limit, in a manifest's `extra` (where the schema allows any
+    object), in a safetensors header and in a JSON document: a CheckpointError or a value, nothing else."""
+    nested = "[" * depth + "]" * depth
+    doc = _manifest_doc()
+    text = _jsonio.dumps({k: v for k, v in doc.items() if k != "manifest_checksum"}).decode()
+    body = text.replace('"extra":{"note":"fuzz"}', f'"extra":{{"deep":{nested}}}').encode()
+    sealed = body[:-2] + b',"manifest_checksum":"' + faults.checksum(body).encode() + b'"}\n'
+    for parse in (lambda: _manifest.parse(sealed, where="fuzz"),
+                  lambda: _jsonio.loads(nested.encode(), "deep.json"),
+                  lambda: _safetensors.parse_header(faults.st_pack(f'{{"a":{nested}}}'.encode(), b""),
+                                                    8 + len(nested) + 8, "deep.safetensors")):
+        with contextlib.suppress(pc.CheckpointError):
+            parse()
