@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import _threads
 from ._errors import CheckpointCorruptedError, CheckpointInputError
 from ._hashing import Hasher, new_hasher
 from ._jsonio import unique_keys
@@ -170,7 +171,7 @@ def write_file(
                     checksums[name] = _hash_into(view, file_hash)
                     _write_all(fd, view)
                     continue
-                digest = hasher.submit(_hash_into, view, file_hash)
+                digest = _threads.submit(hasher, _hash_into, view, file_hash)
                 _write_all(fd, view)
                 checksums[name] = digest.result()
         size = os.fstat(fd).st_size

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import _jsonio, _layout, _manifest, _quant, _rng, _safetensors, _schemas
+from . import _jsonio, _layout, _manifest, _quant, _rng, _safetensors, _schemas, _threads
 from ._errors import CheckpointError, CheckpointExistsError, CheckpointInputError
 from ._hashing import checksum
 from ._state import Stateful, model_state, save_pt
@@ -142,7 +142,7 @@ def _write_contents(tmp: Path, snap: Snapshot) -> dict[str, dict[str, Any]]:
 
         def written(name: str, size: int, digest: str) -> None:
             files[name] = {"size": size, "checksum": digest}
-            syncs.append(syncer.submit(_layout.fsync_path, tmp / name))
+            syncs.append(_threads.submit(syncer, _layout.fsync_path, tmp / name))
 
         result = _safetensors.write_file(tmp / MODEL_FILE, snap.tensors)
         written(MODEL_FILE, result.size, result.checksum)

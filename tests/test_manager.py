@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import random
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -175,3 +177,18 @@ def test_an_unobserved_async_error_surfaces_at_the_next_call(tmp_path):
     manager.save(TinyLM(), None, {}, None, 1, blocking=False)
     with pytest.raises(FileExistsError, match=r"step 1 already exists"):
         manager.wait()
+
+
+def test_interpreter_exit_finishes_a_pending_async_save(tmp_path):
+    """A script that returns right after a non-blocking save leaves a complete, committed checkpoint."""
+    script = (
+        "import torch\n"
+        "from portable_ckpt import CheckpointManager\n"
+        f"manager = CheckpointManager({str(tmp_path)!r})\n"
+        "state = {f'w{i}': torch.full((256, 1024), float(i)) for i in range(32)}\n"
+        "manager.save(state, None, {}, None, 1, blocking=False)\n"
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=120)
+    ckpt = load_checkpoint(tmp_path)
+    assert ckpt.step == 1 and torch.equal(ckpt.model_state["w31"], torch.full((256, 1024), 31.0))
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".tmp-")]
