@@ -328,6 +328,28 @@ def valid_root_latest_not_a_file() -> None:
     )
 
 
+DEAD_PID = 4194305  # above Linux's largest possible pid (PID_MAX_LIMIT, 2**22): no process ever has it
+
+
+def valid_root_replaced() -> None:
+    root = VECTORS / "valid-root-replaced"
+    model, _ = trained(None)
+    for step in (10, 20):
+        save(root, model, None, step=step)
+    # a writer overwriting step 20 moved the old checkpoint aside, then died before renaming the new one into
+    # place: the complete checkpoint under .replaced-* is the only copy of step 20, and latest still names it
+    (root / "step-00000020").rename(root / f".replaced-step-00000020-{DEAD_PID}-0badc0de")
+    assert (root / "latest").read_text() == "step-00000020\n"
+    record(
+        "valid-root-replaced",
+        "a root where an overwrite of step 20 died between its two renames: step-00000010, latest -> "
+        f"step-00000020 (missing), and the complete .replaced-step-00000020-{DEAD_PID}-0badc0de (pid of no "
+        "process): readers ignore it and load step 10; a writer opening the root (CheckpointManager) renames it "
+        "back to step-00000020, after which step 20 loads",
+        step=10,
+    )
+
+
 def valid_unknown() -> None:
     d = checkpoint("valid-unknown-fields", step=9)
     (d / "notes.txt").write_text("written by a future writer\n")
@@ -723,6 +745,68 @@ def invalid_checksum_not_last() -> None:
     )
 
 
+def invalid_integer_with_fraction() -> None:
+    _raw_manifest("invalid-integer-with-fraction", lambda b: b.replace(b'"step":5,', b'"step":5.0,'))
+    d = VECTORS / "invalid-integer-with-fraction"
+    write_manifest(d, read_manifest(d))  # re-sealed: the checksum covers the bytes "5.0"
+    assert b'"step":5.0,' in (d / "manifest.json").read_bytes()
+    record(
+        "invalid-integer-with-fraction",
+        'manifest.json says "step":5.0 (re-sealed): JSON Schema counts 5.0 as an integer, this format does not',
+        error=CORRUPTED,
+        message="schema violation at $.step",
+    )
+
+
+def invalid_optimizer_not_a_dict() -> None:
+    d = checkpoint("invalid-optimizer-not-a-dict", optimizer="sgd")
+    (d / "optimizer.pt").write_bytes(torch_bytes([1, 2, 3]))
+    reseal(d)
+    record(
+        "invalid-optimizer-not-a-dict",
+        "optimizer.pt holds a list, not a state_dict (checksums recomputed)",
+        error=CORRUPTED,
+        message="expected a state_dict",
+    )
+
+
+def invalid_optimizer_no_param_groups() -> None:
+    d = checkpoint("invalid-optimizer-no-param-groups", optimizer="sgd")
+    (d / "optimizer.pt").write_bytes(torch_bytes({"state": {}}))
+    reseal(d)
+    record(
+        "invalid-optimizer-no-param-groups",
+        "optimizer.pt holds a dict without param_groups (checksums recomputed)",
+        error=CORRUPTED,
+        message="needs 'state' and 'param_groups'",
+    )
+
+
+def invalid_dimension_too_large() -> None:
+    _hand_built("invalid-dimension-too-large", [("a", "F32", [2**64, 0], 0, 0), ("b", "F32", [4], 0, 16)], _A)
+    record(
+        "invalid-dimension-too-large",
+        "tensor a has shape [18446744073709551616, 0] (a dimension of 2**64, though no elements); checksums recomputed",
+        error=CORRUPTED,
+        message="shape is not a list of integers in [0, 2**64)",
+    )
+
+
+def invalid_element_count_too_large() -> None:
+    _hand_built(
+        "invalid-element-count-too-large",
+        [("a", "F32", [2**32, 2**32, 0], 0, 0), ("b", "F32", [4], 0, 16)],
+        _A,
+    )
+    record(
+        "invalid-element-count-too-large",
+        "tensor a has shape [4294967296, 4294967296, 0]: each dimension fits in 64 bits, the running element "
+        "count reaches 2**64 before the 0; checksums recomputed",
+        error=CORRUPTED,
+        message="2**64 elements or more",
+    )
+
+
 def invalid_file_name_newline() -> None:
     d = checkpoint("invalid-file-name-newline")
     data = b"written by a future writer\n"
@@ -745,6 +829,7 @@ GENERATORS: list[Callable[[], None]] = [
     valid_root,
     valid_root_stale_latest,
     valid_root_latest_not_a_file,
+    valid_root_replaced,
     valid_unknown,
     invalid_flipped_tensor_byte,
     invalid_flipped_manifest_byte,
@@ -776,6 +861,11 @@ GENERATORS: list[Callable[[], None]] = [
     invalid_unused_known_file_checksum,
     invalid_checksum_not_last,
     invalid_file_name_newline,
+    invalid_integer_with_fraction,
+    invalid_optimizer_not_a_dict,
+    invalid_optimizer_no_param_groups,
+    invalid_dimension_too_large,
+    invalid_element_count_too_large,
 ]
 
 

@@ -149,6 +149,10 @@ def resolve(path: Path) -> Path:
     return committed[-1][1]
 
 
+def _plain_nonnegative(value: Any) -> bool:
+    return type(value) is int and value >= 0
+
+
 def read_manifest(directory: Path) -> dict[str, Any]:
     """§7, §10, §15: the manifest, its version and its checksum."""
     data = read_regular(directory / "manifest.json")
@@ -159,6 +163,14 @@ def read_manifest(directory: Path) -> dict[str, Any]:
         raise SpecError(f"format_version {doc.get('format_version')!r} is not 1")
     if doc.get("checksum_algorithm") != "xxh3-128":
         raise SpecError("checksum_algorithm is not xxh3-128")
+    # §17: integers are written without fraction or exponent, so they parse as int (5.0 parses as a float)
+    if not _plain_nonnegative(doc.get("step")):
+        raise SpecError(f"step {doc.get('step')!r} is not a plain integer >= 0")
+    files = doc.get("files")
+    if not isinstance(files, dict) or not all(
+        isinstance(e, dict) and _plain_nonnegative(e.get("size")) for e in files.values()
+    ):
+        raise SpecError("files: every entry needs a size that is a plain integer >= 0")
     trailer = TRAILER.search(data)
     if trailer is None:
         raise SpecError("manifest.json does not end with its manifest_checksum member")
@@ -207,16 +219,18 @@ def parse_safetensors(data: bytes) -> tuple[dict[str, torch.Tensor], dict[str, t
             raise SpecError(f"unknown dtype {dtype!r}")
         if (
             not isinstance(shape, list)
-            or not all(type(d) is int and d >= 0 for d in shape)
+            or not all(type(d) is int and 0 <= d < 2**64 for d in shape)
             or not isinstance(offsets, list)
             or len(offsets) != 2
-            or not all(type(o) is int for o in offsets)
+            or not all(type(o) is int and 0 <= o < 2**64 for o in offsets)
         ):
             raise SpecError(f"entry {name!r}")
         begin, end = offsets
         numel = 1
-        for d in shape:
+        for d in shape:  # §5.5: every running product of the dimensions stays below 2**64
             numel *= d
+            if numel >= 2**64:
+                raise SpecError(f"entry {name!r}: 2**64 elements or more")
         if not 0 <= begin <= end or end - begin != numel * DTYPES[dtype][2]:
             raise SpecError(f"entry {name!r}: offsets")
         spans.append((begin, end, name, dtype, shape))

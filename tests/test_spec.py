@@ -322,6 +322,8 @@ _OUT_OF_SCOPE = {
     "invalid-legacy-hostile-pickle",
     "invalid-quantized-no-metadata",
     "invalid-config-not-object",
+    "invalid-optimizer-not-a-dict",
+    "invalid-optimizer-no-param-groups",
 }
 
 

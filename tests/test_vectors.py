@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import pickle
 import random
 import shutil
@@ -233,3 +234,37 @@ def test_valid_legacy_converts_to_format_1(tmp_path: Path):
     assert all(torch.equal(new.model_state[k], v) for k, v in old.model_state.items())
     assert new.manifest["aliases"] == {"head.weight": "emb.weight"}
     assert new.extra["converted_from"]["format_version"] == 0
+
+
+def test_valid_root_replaced_is_put_back_when_a_manager_opens_the_root(tmp_path: Path):
+    root = copy_vector("valid-root-replaced", tmp_path)
+    (replaced,) = [p for p in root.iterdir() if p.name.startswith(".replaced-")]
+    assert load_checkpoint(root, restore_rng=False).step == 10  # a plain reader ignores .replaced-*
+    assert validate_checkpoint(root) == []
+    portable_ckpt.CheckpointManager(root).close()  # its writer's pid names no process: step 20 goes back
+    assert not replaced.exists() and (root / "step-00000020" / "manifest.json").is_file()
+    assert (root / "latest").read_text() == "step-00000020\n"
+    assert load_checkpoint(root, restore_rng=False).step == 20
+
+
+def test_a_replaced_checkpoint_is_removed_when_its_step_exists_again(tmp_path: Path):
+    root = copy_vector("valid-root-replaced", tmp_path)
+    (replaced,) = [p for p in root.iterdir() if p.name.startswith(".replaced-")]
+    shutil.copytree(root / "step-00000010", root / "step-00000020")  # a newer copy of step 20 is in place
+    data = json.loads((root / "step-00000020" / "manifest.json").read_bytes())
+    data["step"] = 20
+    (root / "step-00000020" / "manifest.json").write_bytes(encode(data))
+    portable_ckpt.CheckpointManager(root).close()
+    assert not replaced.exists()
+    ckpt = load_checkpoint(root, restore_rng=False)
+    assert ckpt.step == 20 and ckpt.manifest["files"] == data["files"]
+
+
+def test_a_replaced_checkpoint_of_a_live_writer_is_left_alone(tmp_path: Path):
+    root = copy_vector("valid-root-replaced", tmp_path)
+    (replaced,) = [p for p in root.iterdir() if p.name.startswith(".replaced-")]
+    live = replaced.with_name(f".replaced-step-00000020-{os.getppid()}-0badc0de")  # our parent is alive
+    replaced.rename(live)
+    portable_ckpt.CheckpointManager(root).close()
+    assert live.is_dir() and not (root / "step-00000020").exists()
+    assert load_checkpoint(root, restore_rng=False).step == 10
