@@ -107,16 +107,16 @@ class QuantizedModule(nn.Module):
     def quantize_from(self, weight: torch.Tensor) -> None:
         """Round ``weight`` [rows, cols] to the grid and store it (and, in qat, keep it as the master)."""
         spec = self.spec
-        scale, zero_point = compute_qparams(
-            weight,
-            bits=spec.bits,
-            symmetric=spec.symmetric,
-            group_size=spec.group_size,
-            scale_dtype=spec.compute_dtype,
-        )
+        scale, zero_point = self._qparams(weight)
         self._store(quantize_values(weight, scale, zero_point, bits=spec.bits), scale, zero_point)
         if spec.mode == "qat" and weight is not self.weight_master:
             self.weight_master.copy_(weight)
+
+    def _qparams(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        spec = self.spec
+        return compute_qparams(
+            weight, bits=spec.bits, symmetric=spec.symmetric, group_size=spec.group_size, scale_dtype=spec.compute_dtype
+        )
 
     def init_adapters(self) -> None:
         """LoRA start: A kaiming-uniform from the global RNG (as nn.Linear), B zero: output unchanged."""
@@ -132,13 +132,7 @@ class QuantizedModule(nn.Module):
             return dequantize_values(q, scale, zero_point, self.spec.compute_dtype)
         master = self.weight_master
         spec = self.spec
-        scale, zero_point = compute_qparams(
-            master,
-            bits=spec.bits,
-            symmetric=spec.symmetric,
-            group_size=spec.group_size,
-            scale_dtype=spec.compute_dtype,
-        )
+        scale, zero_point = self._qparams(master)
         grid = dequantize_values(
             quantize_values(master, scale, zero_point, bits=spec.bits), scale, zero_point, spec.compute_dtype
         )
