@@ -147,7 +147,9 @@ def _replace_latest(root: Path) -> None:
         return
     tmp = root / f"{TMP_PREFIX}latest-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
-        write_file(tmp, (step_name(steps[-1]) + "\n").encode())
+        # not fsync'd on its own: the root's fsync after the rename covers it, and a reader that finds
+        # `latest` empty or stale after a crash falls back to the highest committed step
+        write_file(tmp, (step_name(steps[-1]) + "\n").encode(), sync=False)
         os.replace(tmp, root / LATEST)
     except OSError:
         with contextlib.suppress(OSError):
@@ -180,9 +182,8 @@ def commit(tmp: Path, root: Path, step: int, *, overwrite: bool) -> Path:
                 os.rename(trash, final)
             raise
         try:
-            fsync_path(root)
             _replace_latest(root)
-            fsync_path(root)
+            fsync_path(root)  # one sync makes both renames durable
         except OSError:
             _undo(root, final, trash)
             raise
