@@ -35,6 +35,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from portable_ckpt import CheckpointManager, load_checkpoint, save_checkpoint
+from portable_ckpt._layout import fsync_path
 from portable_ckpt._reader import open_checkpoint
 from portable_ckpt._safetensors import tensor_bytes
 
@@ -120,14 +121,6 @@ def repeat(reps: int, arms: list[Arm]) -> list[tuple[list[float], list[int]]]:
 
 # --- savers: (model, optimizer, output directory) -> None ----------------------------------------
 
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def save_raw(model: Model, optimizer: Opt, out: Path, *, fsync: bool) -> None:
     """Every tensor's bytes, back to back, pwrite'd straight from tensor memory into one file."""
     fd = os.open(out / "raw.bin", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -151,13 +144,13 @@ def save_torch(model: Model, optimizer: Opt, out: Path, *, fsync: bool) -> None:
         obj = {"model": obj, "optimizer": optimizer.state_dict()}
     torch.save(obj, out / "state.pt")
     if fsync:
-        _fsync_file(out / "state.pt")
+        fsync_path(out / "state.pt")
 
 
 def save_safetensors(model: Model, optimizer: Opt, out: Path, *, fsync: bool) -> None:
     save_file(model.state_dict(), out / "model.safetensors")
     if fsync:
-        _fsync_file(out / "model.safetensors")
+        fsync_path(out / "model.safetensors")
 
 
 def save_ours(model: Model, optimizer: Opt, out: Path) -> None:
