@@ -28,23 +28,55 @@ from pathlib import Path
 from typing import Any
 
 from . import report
+
 from .states import StateSpec
 
 HERE = Path(__file__).resolve().parent
 DEFAULTS: dict[str, Any] = {
-    "size_mib": 512.0, "tensors": 256, "small_tensors": 10_000, "small_kib": 4.0, "scaling": "64,256,1024",
-    "lazy_size_mib": 1024.0, "async_size_mib": 256.0, "reps": 5, "launcher": "subprocess",
+    "size_mib": 512.0,
+    "tensors": 256,
+    "small_tensors": 10_000,
+    "small_kib": 4.0,
+    "scaling": "64,256,1024",
+    "lazy_size_mib": 1024.0,
+    "async_size_mib": 256.0,
+    "reps": 5,
+    "launcher": "subprocess",
 }
 QUICK: dict[str, Any] = {
-    "size_mib": 16.0, "tensors": 256, "small_tensors": 1000, "small_kib": 4.0, "scaling": "4,16",
-    "lazy_size_mib": 16.0, "async_size_mib": 16.0, "reps": 3, "launcher": "forkserver",
+    "size_mib": 16.0,
+    "tensors": 256,
+    "small_tensors": 1000,
+    "small_kib": 4.0,
+    "scaling": "4,16",
+    "lazy_size_mib": 16.0,
+    "async_size_mib": 16.0,
+    "reps": 3,
+    "launcher": "forkserver",
 }
 # Cases per group of states, in the order they run: each raw limit right before what is compared with it.
-SAVES = ["save.raw_fsync", "save.ours", "save.torch_fsync", "save.safetensors_fsync",
-         "save.raw", "save.torch", "save.safetensors"]
+SAVES = [
+    "save.raw_fsync",
+    "save.ours",
+    "save.torch_fsync",
+    "save.safetensors_fsync",
+    "save.raw",
+    "save.torch",
+    "save.safetensors",
+]
 LOADS = ["load.raw", "load.ours_noverify", "load.ours", "load.torch", "load.torch_mmap", "load.safetensors"]
-SMALL = ["save.raw_fsync", "save.ours", "save.torch_fsync", "save.safetensors_fsync",
-         "load.raw", "load.ours_noverify", "load.ours", "load.torch", "load.safetensors", "lazy"]
+SMALL = [
+    "save.raw_fsync",
+    "save.ours",
+    "save.torch_fsync",
+    "save.safetensors_fsync",
+    "load.raw",
+    "load.ours_noverify",
+    "load.ours",
+    "load.torch",
+    "load.safetensors",
+    "lazy",
+]
 SCALING = ["save.raw_fsync", "save.ours", "load.raw", "load.ours"]
 
 
@@ -80,26 +112,50 @@ def plan(args: argparse.Namespace) -> tuple[list[Job], dict[str, str]]:
         "few": f"the same {small_mib:.1f} MiB in 16 tensors (the per-byte reference for small)",
         "scale-*": f"model states of {', '.join(f'{s:g}' for s in args.scaling)} MiB",
         "lazy": f"a {args.lazy_size_mib:g} MiB model checkpoint; one weight of the middle layer is read "
-                "(the lazy case also runs on small: one of its tensors)",
+        "(the lazy case also runs on small: one of its tensors)",
         "async": f"full state of a {args.async_size_mib:g} MiB model (AdamW: {3 * args.async_size_mib:g} MiB per "
-                 "checkpoint); step = 8 matmuls + a full AdamW update; a save every K steps, K chosen so that "
-                 "saves are twice a blocking save's duration apart",
+        "checkpoint); step = 8 matmuls + a full AdamW update; a save every K steps, K chosen so that "
+        "saves are twice a blocking save's duration apart",
     }
-    groups = [("model", SAVES + LOADS), ("full", SAVES + LOADS), ("small", SMALL),
-              ("few", ["save.raw_fsync", "save.ours", "load.raw", "load.ours"])]
+    groups = [
+        ("model", SAVES + LOADS),
+        ("full", SAVES + LOADS),
+        ("small", SMALL),
+        ("few", ["save.raw_fsync", "save.ours", "load.raw", "load.ours"]),
+    ]
     groups += [(f"scale-{s:g}", SCALING) for s in args.scaling]
     groups += [("lazy", ["lazy"]), ("async", ["async"])]
-    jobs = [Job(case, state, states[state]) for state, cases in groups for case in cases
-            if states[state].kind in CASES[case].kinds]
+    jobs = [
+        Job(case, state, states[state])
+        for state, cases in groups
+        for case in cases
+        if states[state].kind in CASES[case].kinds
+    ]
     if args.only:
         jobs = [j for j in jobs if any(word in j.id for word in args.only)]
     return jobs, described
 
 
 def _run_subprocess(job: Job, args: argparse.Namespace, workdir: Path) -> list[dict[str, Any]]:
-    cmd = [sys.executable, "-m", "benchmarks.cases", job.case, "--state", job.spec.kind,
-           "--size-mib", str(job.spec.size_mib), "--tensors", str(job.spec.tensors),
-           "--reps", str(args.reps), "--workdir", str(workdir), "--threads", str(args.threads), "--json"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "benchmarks.cases",
+        job.case,
+        "--state",
+        job.spec.kind,
+        "--size-mib",
+        str(job.spec.size_mib),
+        "--tensors",
+        str(job.spec.tensors),
+        "--reps",
+        str(args.reps),
+        "--workdir",
+        str(workdir),
+        "--threads",
+        str(args.threads),
+        "--json",
+    ]
     proc = subprocess.run(cmd, cwd=HERE.parent, capture_output=True, text=True, timeout=args.case_timeout)
     if proc.returncode != 0:
         raise RuntimeError(proc.stderr or f"exit status {proc.returncode}")
@@ -137,8 +193,9 @@ def _environment() -> dict[str, str]:
             return "absent"
 
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE.parent, capture_output=True,
-                                text=True, check=True).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=HERE.parent, capture_output=True, text=True, check=True
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         commit = "unknown"
     return {
@@ -163,16 +220,32 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--lazy-size-mib", type=float, help="checkpoint size of the lazy-read case (default 1024)")
     p.add_argument("--async-size-mib", type=float, help="model size of the async-save case (default 256)")
     p.add_argument("--reps", type=int, help="timed repetitions per case, after one warm-up (default 5)")
-    p.add_argument("--launcher", choices=["subprocess", "forkserver"],
-                   help="fresh `python -m benchmarks.cases` per case, or forks of a server that has imported "
-                        "torch (faster start; default subprocess, forkserver with --quick)")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch intra-op threads in each case (default 1: on a small shared machine OpenMP "
-                        "spin-waits under contention make multi-threaded timings erratic; 0: torch's default)")
-    p.add_argument("--only", action="append", default=[], metavar="TEXT",
-                   help="run only the cases whose id (case:state) contains TEXT; repeatable")
-    p.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()),
-                   help="where checkpoints are written (a temporary folder inside it, removed at the end)")
+    p.add_argument(
+        "--launcher",
+        choices=["subprocess", "forkserver"],
+        help="fresh `python -m benchmarks.cases` per case, or forks of a server that has imported "
+        "torch (faster start; default subprocess, forkserver with --quick)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads in each case (default 1: on a small shared machine OpenMP "
+        "spin-waits under contention make multi-threaded timings erratic; 0: torch's default)",
+    )
+    p.add_argument(
+        "--only",
+        action="append",
+        default=[],
+        metavar="TEXT",
+        help="run only the cases whose id (case:state) contains TEXT; repeatable",
+    )
+    p.add_argument(
+        "--workdir",
+        type=Path,
+        default=Path(tempfile.gettempdir()),
+        help="where checkpoints are written (a temporary folder inside it, removed at the end)",
+    )
     p.add_argument("--out", type=Path, default=HERE / "results", help="folder for the JSON and markdown")
     p.add_argument("--case-timeout", type=float, default=1800, help="seconds before a case is killed")
     p.add_argument("--json", action="store_true", help="print the JSON result instead of the markdown")
@@ -211,8 +284,17 @@ def main(argv: list[str] | None = None) -> int:
                 got = _run_forked(job, args, workdir, ctx) if ctx else _run_subprocess(job, args, workdir)
             except (RuntimeError, TimeoutError, subprocess.TimeoutExpired, json.JSONDecodeError) as e:
                 failures.append({"id": job.id, "error": str(e) or type(e).__name__})
-                rows.append({"case": job.case, "state": job.state, "job": job.id, "bytes": 0, "samples": [],
-                             "rss_increase": [], "extra": {"error": True}})
+                rows.append(
+                    {
+                        "case": job.case,
+                        "state": job.state,
+                        "job": job.id,
+                        "bytes": 0,
+                        "samples": [],
+                        "rss_increase": [],
+                        "extra": {"error": True},
+                    }
+                )
                 print(f" FAILED ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
                 continue
             for row in got:

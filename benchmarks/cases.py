@@ -35,9 +35,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from portable_ckpt import CheckpointManager, load_checkpoint, save_checkpoint
-from portable_ckpt._layout import fsync_path
-from portable_ckpt._reader import open_checkpoint
-from portable_ckpt._safetensors import tensor_bytes
+from portable_ckpt.format.safetensors import tensor_bytes
+from portable_ckpt.reader import open_checkpoint
+from portable_ckpt.storage.local import fsync_path
 
 from .states import KINDS, StateSpec, build, build_target, digest, flat_tensors, make_optimizer
 
@@ -47,6 +47,7 @@ Opt = torch.optim.Optimizer | None
 
 
 # --- measurement ---------------------------------------------------------------------------------
+
 
 def _status_kib(field: str) -> int:
     with open("/proc/self/status") as f:
@@ -121,6 +122,7 @@ def repeat(reps: int, arms: list[Arm]) -> list[tuple[list[float], list[int]]]:
 
 # --- savers: (model, optimizer, output directory) -> None ----------------------------------------
 
+
 def save_raw(model: Model, optimizer: Opt, out: Path, *, fsync: bool) -> None:
     """Every tensor's bytes, back to back, pwrite'd straight from tensor memory into one file."""
     fd = os.open(out / "raw.bin", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -158,6 +160,7 @@ def save_ours(model: Model, optimizer: Opt, out: Path) -> None:
 
 
 # --- loaders: (file written by the matching saver, target model, target optimizer) -> None --------
+
 
 def load_raw(out: Path, model: Model, optimizer: Opt) -> None:
     """readinto the preallocated model (and optimizer state) tensors, in file order."""
@@ -215,43 +218,121 @@ class Case:
 
 _MODEL_KINDS = ("model", "small", "few")
 _TORCH_BYTES = "torch.save zip: the model state_dict (plus, for full, {'model', 'optimizer'} state_dicts)"
-_OURS_BYTES = ("a checkpoint directory: model.safetensors (+ optimizer.pt for full), rng.safetensors, rng.json, "
-               "config.json, manifest.json, latest; every file and directory fsync'd")
+_OURS_BYTES = (
+    "a checkpoint directory: model.safetensors (+ optimizer.pt for full), rng.safetensors, rng.json, "
+    "config.json, manifest.json, latest; every file and directory fsync'd"
+)
 
 CASES: dict[str, Case] = {
-    "save.raw_fsync": Case("raw pwrite+fsync", "save", None,
-                           "every tensor's bytes (model, + optimizer state for full) in one file, fsync'd",
-                           save=lambda m, o, d: save_raw(m, o, d, fsync=True)),
+    "save.raw_fsync": Case(
+        "raw pwrite+fsync",
+        "save",
+        None,
+        "every tensor's bytes (model, + optimizer state for full) in one file, fsync'd",
+        save=lambda m, o, d: save_raw(m, o, d, fsync=True),
+    ),
     "save.ours": Case("save_checkpoint", "save", "save.raw_fsync", _OURS_BYTES, save=save_ours),
-    "save.torch_fsync": Case("torch.save+fsync", "save", "save.raw_fsync", _TORCH_BYTES + ", fsync'd",
-                             save=lambda m, o, d: save_torch(m, o, d, fsync=True)),
-    "save.safetensors_fsync": Case("save_file+fsync", "save", "save.raw_fsync", "model.safetensors, fsync'd",
-                                   kinds=_MODEL_KINDS, save=lambda m, o, d: save_safetensors(m, o, d, fsync=True)),
-    "save.raw": Case("raw pwrite", "save", None, "as raw pwrite+fsync, without fsync",
-                     save=lambda m, o, d: save_raw(m, o, d, fsync=False)),
-    "save.torch": Case("torch.save", "save", "save.raw", _TORCH_BYTES + ", not fsync'd",
-                       save=lambda m, o, d: save_torch(m, o, d, fsync=False)),
-    "save.safetensors": Case("save_file", "save", "save.raw", "model.safetensors, not fsync'd", kinds=_MODEL_KINDS,
-                             save=lambda m, o, d: save_safetensors(m, o, d, fsync=False)),
-    "load.raw": Case("raw readinto", "load", None, "raw.bin read into the preallocated model/optimizer tensors",
-                     prepare=lambda m, o, d: save_raw(m, o, d, fsync=False), load=load_raw, preallocated=True),
-    "load.ours_noverify": Case("load_checkpoint verify=False", "load", "load.raw", "the checkpoint directory",
-                               prepare=save_ours, load=lambda d, m, o: load_ours(d, m, o, verify=False)),
-    "load.ours": Case("load_checkpoint verify=True", "load", "load.raw", "the checkpoint directory",
-                      prepare=save_ours, load=lambda d, m, o: load_ours(d, m, o, verify=True)),
-    "load.torch": Case("torch.load + load_state_dict", "load", "load.raw", "state.pt",
-                       prepare=lambda m, o, d: save_torch(m, o, d, fsync=False),
-                       load=lambda d, m, o: load_torch(d, m, o, mmap=False)),
-    "load.torch_mmap": Case("torch.load(mmap) + load_state_dict", "load", "load.raw", "state.pt",
-                            prepare=lambda m, o, d: save_torch(m, o, d, fsync=False),
-                            load=lambda d, m, o: load_torch(d, m, o, mmap=True)),
-    "load.safetensors": Case("load_file + load_state_dict", "load", "load.raw", "model.safetensors",
-                             kinds=_MODEL_KINDS, prepare=lambda m, o, d: save_safetensors(m, o, d, fsync=False),
-                             load=load_safetensors),
-    "lazy": Case("open_checkpoint + tensor()", "lazy", "lazy.raw",
-                 "reads manifest.json, the safetensors header and one tensor", kinds=("model", "small")),
-    "async": Case("training loop with saves", "async", None,
-                  "checkpoints through CheckpointManager (keep_last=1), a save every K steps", kinds=("full",)),
+    "save.torch_fsync": Case(
+        "torch.save+fsync",
+        "save",
+        "save.raw_fsync",
+        _TORCH_BYTES + ", fsync'd",
+        save=lambda m, o, d: save_torch(m, o, d, fsync=True),
+    ),
+    "save.safetensors_fsync": Case(
+        "save_file+fsync",
+        "save",
+        "save.raw_fsync",
+        "model.safetensors, fsync'd",
+        kinds=_MODEL_KINDS,
+        save=lambda m, o, d: save_safetensors(m, o, d, fsync=True),
+    ),
+    "save.raw": Case(
+        "raw pwrite",
+        "save",
+        None,
+        "as raw pwrite+fsync, without fsync",
+        save=lambda m, o, d: save_raw(m, o, d, fsync=False),
+    ),
+    "save.torch": Case(
+        "torch.save",
+        "save",
+        "save.raw",
+        _TORCH_BYTES + ", not fsync'd",
+        save=lambda m, o, d: save_torch(m, o, d, fsync=False),
+    ),
+    "save.safetensors": Case(
+        "save_file",
+        "save",
+        "save.raw",
+        "model.safetensors, not fsync'd",
+        kinds=_MODEL_KINDS,
+        save=lambda m, o, d: save_safetensors(m, o, d, fsync=False),
+    ),
+    "load.raw": Case(
+        "raw readinto",
+        "load",
+        None,
+        "raw.bin read into the preallocated model/optimizer tensors",
+        prepare=lambda m, o, d: save_raw(m, o, d, fsync=False),
+        load=load_raw,
+        preallocated=True,
+    ),
+    "load.ours_noverify": Case(
+        "load_checkpoint verify=False",
+        "load",
+        "load.raw",
+        "the checkpoint directory",
+        prepare=save_ours,
+        load=lambda d, m, o: load_ours(d, m, o, verify=False),
+    ),
+    "load.ours": Case(
+        "load_checkpoint verify=True",
+        "load",
+        "load.raw",
+        "the checkpoint directory",
+        prepare=save_ours,
+        load=lambda d, m, o: load_ours(d, m, o, verify=True),
+    ),
+    "load.torch": Case(
+        "torch.load + load_state_dict",
+        "load",
+        "load.raw",
+        "state.pt",
+        prepare=lambda m, o, d: save_torch(m, o, d, fsync=False),
+        load=lambda d, m, o: load_torch(d, m, o, mmap=False),
+    ),
+    "load.torch_mmap": Case(
+        "torch.load(mmap) + load_state_dict",
+        "load",
+        "load.raw",
+        "state.pt",
+        prepare=lambda m, o, d: save_torch(m, o, d, fsync=False),
+        load=lambda d, m, o: load_torch(d, m, o, mmap=True),
+    ),
+    "load.safetensors": Case(
+        "load_file + load_state_dict",
+        "load",
+        "load.raw",
+        "model.safetensors",
+        kinds=_MODEL_KINDS,
+        prepare=lambda m, o, d: save_safetensors(m, o, d, fsync=False),
+        load=load_safetensors,
+    ),
+    "lazy": Case(
+        "open_checkpoint + tensor()",
+        "lazy",
+        "lazy.raw",
+        "reads manifest.json, the safetensors header and one tensor",
+        kinds=("model", "small"),
+    ),
+    "async": Case(
+        "training loop with saves",
+        "async",
+        None,
+        "checkpoints through CheckpointManager (keep_last=1), a save every K steps",
+        kinds=("full",),
+    ),
 }
 # Rows that cases emit besides their own (label, direction, baseline).
 EXTRA_ROWS: dict[str, tuple[str, str, str | None]] = {
@@ -383,13 +464,26 @@ def _lazy_case(case: Case, spec: StateSpec, reps: int, work: Path) -> list[dict[
         if digest([(name, t)]) != expected:
             raise RuntimeError(f"tensor {name} read back with different bytes")
 
-    (samples, rss), (raw_samples, raw_rss) = repeat(reps, [Arm(lambda i: None, lazy, check),
-                                                             Arm(lambda i: None, raw, check)])
+    (samples, rss), (raw_samples, raw_rss) = repeat(
+        reps, [Arm(lambda i: None, lazy, check), Arm(lambda i: None, raw, check)]
+    )
     timed_reads = bytes_read[1:]  # the first is the warm-up's
     return [
-        {**_row("", tensor_size, samples, rss, tensor=name, tensor_bytes=tensor_size, checkpoint_bytes=_du(path),
-                bytes_read=sorted(timed_reads)[len(timed_reads) // 2], bytes_read_samples=timed_reads),
-         "paired_case": "lazy.raw", "paired_samples": raw_samples},
+        {
+            **_row(
+                "",
+                tensor_size,
+                samples,
+                rss,
+                tensor=name,
+                tensor_bytes=tensor_size,
+                checkpoint_bytes=_du(path),
+                bytes_read=sorted(timed_reads)[len(timed_reads) // 2],
+                bytes_read_samples=timed_reads,
+            ),
+            "paired_case": "lazy.raw",
+            "paired_samples": raw_samples,
+        },
         _row("lazy.raw", tensor_size, raw_samples, raw_rss),
     ]
 
@@ -457,8 +551,13 @@ def _async_case(case: Case, spec: StateSpec, reps: int, work: Path) -> list[dict
     runs = {variant: loop(variant) for variant in ("none", "sync", "async")}
     nbytes = ckpt_bytes[-1]
     a = runs["async"]
-    extra = {"save_every": every, "saves": saves, "calibration": {"step_s": step_s, "save_s": save_s},
-             "async_waits_s": a["waits"], "async_final_wait_s": a["final_wait"]}
+    extra = {
+        "save_every": every,
+        "saves": saves,
+        "calibration": {"step_s": step_s, "save_s": save_s},
+        "async_waits_s": a["waits"],
+        "async_final_wait_s": a["final_wait"],
+    }
     # each variant's first window is its warm-up (an async save's first call also allocates the host
     # buffers that later ones reuse)
     return [
@@ -466,8 +565,14 @@ def _async_case(case: Case, spec: StateSpec, reps: int, work: Path) -> list[dict
         _row("async.step_sync", 0, runs["sync"]["windows"][1:], []),
         _row("async.step_async", 0, a["windows"][1:], []),
         _row("async.call_sync", nbytes, runs["sync"]["calls"][1:], runs["sync"]["rss"][1:]),
-        _row("async.call_async", nbytes, a["calls"][1:], a["rss"][1:], first_call_s=a["calls"][0],
-             first_call_rss=a["rss"][0]),
+        _row(
+            "async.call_async",
+            nbytes,
+            a["calls"][1:],
+            a["rss"][1:],
+            first_call_s=a["calls"][0],
+            first_call_rss=a["rss"][0],
+        ),
     ]
 
 
@@ -506,8 +611,11 @@ def run_in_child(conn: Any, case_name: str, spec: StateSpec, reps: int, workdir:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.cases", description="Run one benchmark case.",
-                                epilog="cases: " + "; ".join(f"{name}: {c.label}" for name, c in CASES.items()))
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.cases",
+        description="Run one benchmark case.",
+        epilog="cases: " + "; ".join(f"{name}: {c.label}" for name, c in CASES.items()),
+    )
     p.add_argument("case", choices=sorted(CASES))
     p.add_argument("--state", choices=KINDS, default="model")
     p.add_argument("--size-mib", type=float, default=512)
@@ -531,8 +639,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         for row in rows:
             s = sorted(row["samples"])
-            print(f"{row['case']}: {row['bytes']} bytes, median {s[len(s) // 2]:.4f} s, "
-                  f"min {s[0]:.4f}, max {s[-1]:.4f}")
+            print(
+                f"{row['case']}: {row['bytes']} bytes, median {s[len(s) // 2]:.4f} s, min {s[0]:.4f}, max {s[-1]:.4f}"
+            )
     return 0
 
 

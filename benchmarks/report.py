@@ -31,8 +31,9 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if not s:
             continue
         q = statistics.quantiles(s, n=4, method="inclusive") if len(s) > 1 else [s[0], s[0], s[0]]
-        row.update(median_s=statistics.median(s), mean_s=statistics.fmean(s), min_s=s[0], max_s=s[-1],
-                   q1_s=q[0], q3_s=q[2])
+        row.update(
+            median_s=statistics.median(s), mean_s=statistics.fmean(s), min_s=s[0], max_s=s[-1], q1_s=q[0], q3_s=q[2]
+        )
         row["gb_per_s"] = row["bytes"] / row["median_s"] / 1e9 if row["bytes"] and row["median_s"] else None
         row["s_per_gib"] = row["median_s"] / (row["bytes"] / GIB) if row["bytes"] else None
         rss = row["rss_increase"]
@@ -59,6 +60,7 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 # --- targets --------------------------------------------------------------------------------------
+
 
 def _target(name: str, figure: str | None, passed: bool | None, limit: str) -> dict[str, Any]:
     status = "n/a" if figure is None else ("INFO" if passed is None else ("PASS" if passed else "FAIL"))
@@ -100,26 +102,34 @@ def _save_memory(by_id: dict[str, dict[str, Any]], state: str) -> dict[str, Any]
     if not row or row.get("rss_increase_max") is None:
         return _target(name, None, None, "≤ 10%")
     frac = row["rss_increase_max"] / row["bytes"]
-    return _target(name, f"{frac:.1%} ({row['rss_increase_max'] / MIB:.0f} of {row['bytes'] / MIB:.0f} MiB)",
-                   frac <= 0.10, "≤ 10%")
+    return _target(
+        name, f"{frac:.1%} ({row['rss_increase_max'] / MIB:.0f} of {row['bytes'] / MIB:.0f} MiB)", frac <= 0.10, "≤ 10%"
+    )
 
 
 def _lazy(by_id: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     row = by_id.get("lazy:lazy")
     if not row or "median_s" not in row:
-        return [_target("lazy: open + one tensor < 50 ms", None, None, "< 50 ms"),
-                _target("lazy: bytes read ≈ the tensor's", None, None, "≤ tensor + 256 KiB")]
+        return [
+            _target("lazy: open + one tensor < 50 ms", None, None, "< 50 ms"),
+            _target("lazy: bytes read ≈ the tensor's", None, None, "≤ tensor + 256 KiB"),
+        ]
     e = row["extra"]
     ms = row["median_s"] * 1e3
     excess = e["bytes_read"] - e["tensor_bytes"]
     return [
-        _target("lazy: open + one tensor < 50 ms",
-                f"{ms:.1f} ms for {e['tensor_bytes'] / MIB:.1f} MiB "
-                f"of a {e['checkpoint_bytes'] / GIB:.2f} GiB checkpoint",
-                ms < 50, "< 50 ms"),
-        _target("lazy: bytes read ≈ the tensor's",
-                f"{e['bytes_read']:,} read for a {e['tensor_bytes']:,}-byte tensor (+{excess:,})",
-                0 <= excess <= 256 << 10, "≤ tensor + 256 KiB"),
+        _target(
+            "lazy: open + one tensor < 50 ms",
+            f"{ms:.1f} ms for {e['tensor_bytes'] / MIB:.1f} MiB of a {e['checkpoint_bytes'] / GIB:.2f} GiB checkpoint",
+            ms < 50,
+            "< 50 ms",
+        ),
+        _target(
+            "lazy: bytes read ≈ the tensor's",
+            f"{e['bytes_read']:,} read for a {e['tensor_bytes']:,}-byte tensor (+{excess:,})",
+            0 <= excess <= 256 << 10,
+            "≤ tensor + 256 KiB",
+        ),
     ]
 
 
@@ -136,15 +146,19 @@ def _scaling(rows: list[dict[str, Any]], case: str) -> dict[str, Any]:
     """Judged on the ratio to the paired raw limit: the disk itself is not linear (page-cache writeback
     thresholds), so what must not grow with size is the overhead over it."""
     name = f"linear scaling of {CASES[case].label}: its ratio to raw at the largest size ≤ 1.3× the lowest"
-    points = sorted((r["bytes"], r["s_per_gib"], r["median_s"], r["ratio"]) for r in rows
-                    if r["case"] == case and r["state"].startswith("scale-") and r.get("s_per_gib")
-                    and r.get("ratio"))
+    points = sorted(
+        (r["bytes"], r["s_per_gib"], r["median_s"], r["ratio"])
+        for r in rows
+        if r["case"] == case and r["state"].startswith("scale-") and r.get("s_per_gib") and r.get("ratio")
+    )
     if len(points) < 2:
         return _target(name, None, None, "≤ 1.3×")
     # fit t = fixed + per_gib * size over the series, to separate fixed cost from per-byte cost
     per_gib, fixed = statistics.linear_regression([p[0] / GIB for p in points], [p[2] for p in points])
-    figure = ", ".join(f"{b / MIB:.0f} MiB: {s:.3f} s/GiB ({r:.2f}× raw)" for b, s, _, r in points) + \
-        f"; fit: {fixed * 1e3:.0f} ms + {per_gib:.3f} s/GiB"
+    figure = (
+        ", ".join(f"{b / MIB:.0f} MiB: {s:.3f} s/GiB ({r:.2f}× raw)" for b, s, _, r in points)
+        + f"; fit: {fixed * 1e3:.0f} ms + {per_gib:.3f} s/GiB"
+    )
     return _target(name, figure, points[-1][3] <= 1.3 * min(p[3] for p in points), "≤ 1.3×")
 
 
@@ -156,8 +170,9 @@ def targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
     out = []
     for state in ("model", "full"):
-        out.append(ratio(f"save ({state}) ≤ 1.15× raw pwrite+fsync of the same tensor bytes",
-                         f"save.ours:{state}", 1.15))
+        out.append(
+            ratio(f"save ({state}) ≤ 1.15× raw pwrite+fsync of the same tensor bytes", f"save.ours:{state}", 1.15)
+        )
     out += [_not_slower(by_id, "model"), _not_slower(by_id, "full")]
     out += [_save_memory(by_id, "model"), _save_memory(by_id, "full")]
     for state in ("model", "full"):
@@ -171,11 +186,15 @@ def targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     if row and row.get("extra", {}).get("first_call_s") is not None:
         e, first = by_id["async.step_none:async"]["extra"], row["extra"]["first_call_s"]
         waits = e["async_waits_s"][1:]
-        out.append(_target(
-            "async save: first call (allocates the reused host buffers) and waits for the previous save",
-            f"first call {first:.3f} s; waits before later calls {', '.join(f'{w:.3f}' for w in waits)} s "
-            f"(a save every {e['save_every']} steps, ~{e['save_every'] * e['calibration']['step_s']:.1f} s apart)",
-            None, "(info)"))
+        out.append(
+            _target(
+                "async save: first call (allocates the reused host buffers) and waits for the previous save",
+                f"first call {first:.3f} s; waits before later calls {', '.join(f'{w:.3f}' for w in waits)} s "
+                f"(a save every {e['save_every']} steps, ~{e['save_every'] * e['calibration']['step_s']:.1f} s apart)",
+                None,
+                "(info)",
+            )
+        )
     for variant in ("sync", "async"):
         # means, not medians: only one step in K saves, and the slow windows are the point
         a = by_id.get(f"async.step_{variant}:async", {}).get("mean_s")
@@ -186,6 +205,7 @@ def targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 # --- output ---------------------------------------------------------------------------------------
+
 
 def _fmt_bytes(n: int) -> str:
     if not n:

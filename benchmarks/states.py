@@ -21,7 +21,7 @@ import torch
 import xxhash
 from torch import nn
 
-from portable_ckpt._safetensors import tensor_bytes
+from portable_ckpt.format.safetensors import tensor_bytes
 
 KINDS = ("model", "full", "small", "few")
 _COLS = 1024

@@ -31,8 +31,11 @@ from torch import nn
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from portable_ckpt import _jsonio, _manifest, _safetensors, _save  # noqa: E402
-from portable_ckpt._hashing import checksum  # noqa: E402
+from portable_ckpt import save as _save  # noqa: E402
+from portable_ckpt.format import jsonio as _jsonio  # noqa: E402
+from portable_ckpt.format import manifest as _manifest  # noqa: E402
+from portable_ckpt.format import safetensors as _safetensors  # noqa: E402
+from portable_ckpt.format.hashing import checksum  # noqa: E402
 
 VECTORS = Path(__file__).resolve().parent / "vectors"
 CREATED_AT = "2025-01-01T00:00:00.000000Z"

@@ -5,8 +5,8 @@
 >>> ckpt = load_checkpoint(path, model=model, optimizer=optimizer)  # doctest: +SKIP
 """
 
-from ._checkpoint import Checkpoint
-from ._errors import (
+from portable_ckpt.convert.format0 import convert
+from portable_ckpt.errors import (
     CheckpointCorruptedError,
     CheckpointError,
     CheckpointExistsError,
@@ -17,13 +17,13 @@ from ._errors import (
     StateMismatchError,
     UnsupportedFormatVersionError,
 )
-from ._legacy import convert
-from ._load import load_checkpoint, prepare_model
-from ._manager import CheckpointManager, SaveHandle
-from ._manifest import FORMAT_VERSION, LIBRARY_VERSION
-from ._quant import is_quantized, quantize
-from ._reader import CheckpointReader, open_checkpoint
-from ._save import save_checkpoint
+from portable_ckpt.format.manifest import FORMAT_VERSION, LIBRARY_VERSION
+from portable_ckpt.load import load_checkpoint, prepare_model
+from portable_ckpt.manager import CheckpointManager, SaveHandle
+from portable_ckpt.quant.quantize import is_quantized, quantize
+from portable_ckpt.reader import CheckpointReader, open_checkpoint
+from portable_ckpt.save import save_checkpoint
+from portable_ckpt.types import Checkpoint
 
 __version__ = LIBRARY_VERSION
 

@@ -13,9 +13,9 @@ import traceback
 from collections.abc import Callable, Sequence
 from typing import Any, TextIO
 
-from ._errors import CheckpointError
-from ._inspect import inspect_checkpoint, validate_checkpoint
-from ._legacy import convert
+from portable_ckpt.convert.format0 import convert
+from portable_ckpt.errors import CheckpointError
+from portable_ckpt.inspect import inspect_checkpoint, validate_checkpoint
 
 EXIT_OK, EXIT_INVALID, EXIT_USAGE = 0, 1, 2
 
@@ -103,7 +103,7 @@ def cmd_convert(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def cmd_demo(args: argparse.Namespace, out: TextIO) -> int:
-    from ._demo import run_demo  # imports the trainer; only the demo needs it
+    from portable_ckpt.demo.demo import run_demo  # imports the trainer; only the demo needs it
 
     return run_demo(args.dir, quantize=args.quantize, out=out)
 

@@ -40,8 +40,10 @@ import torch
 from torch import nn
 
 import portable_ckpt as pc
-from portable_ckpt import _jsonio, _manifest, cli
-from portable_ckpt._hashing import checksum
+from portable_ckpt import cli
+from portable_ckpt.format import jsonio as _jsonio
+from portable_ckpt.format import manifest as _manifest
+from portable_ckpt.format.hashing import checksum
 
 FAULTS_PY = Path(__file__).resolve()
 STEP_DIR = re.compile(r"^step-[0-9]{8,}$")
@@ -49,8 +51,16 @@ VOCAB = ["<pad>", "a", "b", "c", "d", "e"]
 WRITER_OFFSETS = {"main": 0.0, "A": 0.0, "B": 0.5}  # writer name -> value - step of its checkpoints
 
 # the files of a checkpoint of TinyModel, in the order save writes them (manifest last)
-FILES = ("model.safetensors", "optimizer.pt", "scheduler.pt", "rng.safetensors", "rng.json", "config.json",
-         "vocab.json", "manifest.json")
+FILES = (
+    "model.safetensors",
+    "optimizer.pt",
+    "scheduler.pt",
+    "rng.safetensors",
+    "rng.json",
+    "config.json",
+    "vocab.json",
+    "manifest.json",
+)
 QUANT_FILE = "quantization_metadata.json"
 
 
@@ -93,8 +103,9 @@ def config_for(step: int, writer: str = "main") -> dict[str, Any]:
     return {"step": step, "writer": writer, "value": step + WRITER_OFFSETS[writer]}
 
 
-def save_step(target: str | os.PathLike[str] | pc.CheckpointManager, step: int, writer: str = "main", *,
-              overwrite: bool = False) -> Path:
+def save_step(
+    target: str | os.PathLike[str] | pc.CheckpointManager, step: int, writer: str = "main", *, overwrite: bool = False
+) -> Path:
     """Save the state of ``step`` into a root (save_checkpoint) or through a manager."""
     model, opt, sched = make_state(step, writer)
     with preserved_rng():
@@ -102,8 +113,9 @@ def save_step(target: str | os.PathLike[str] | pc.CheckpointManager, step: int, 
         if isinstance(target, pc.CheckpointManager):
             path: Path = target.save(model, opt, config_for(step, writer), VOCAB, step, scheduler=sched)
             return path
-        return pc.save_checkpoint(model, opt, config_for(step, writer), VOCAB, step, target, scheduler=sched,
-                                  overwrite=overwrite)
+        return pc.save_checkpoint(
+            model, opt, config_for(step, writer), VOCAB, step, target, scheduler=sched, overwrite=overwrite
+        )
 
 
 def seed_rng(value: float) -> None:
@@ -120,8 +132,11 @@ def rng_problems(value: float) -> list[str]:
         seed_rng(value)
         expected = (random.getstate(), np.random.get_state()[1], torch.get_rng_state())
     same = (now[0] == expected[0], bool((now[1] == expected[1]).all()), torch.equal(now[2], expected[2]))
-    return [f"{name} generator state is not the saved one"
-            for name, ok in zip(("python", "numpy", "torch"), same, strict=True) if not ok]
+    return [
+        f"{name} generator state is not the saved one"
+        for name, ok in zip(("python", "numpy", "torch"), same, strict=True)
+        if not ok
+    ]
 
 
 def _same(t: Any, value: float) -> bool:
@@ -136,12 +151,19 @@ def state_problems(ckpt: pc.Checkpoint) -> list[str]:
         return [f"config {config!r} does not describe step {step}"]
     value = step + WRITER_OFFSETS[writer]
     problems = []
-    expected = {"emb.weight": value, "head.weight": value, "lin.weight": value, "lin.bias": value,
-                "seen": step, "scale": value}
+    expected = {
+        "emb.weight": value,
+        "head.weight": value,
+        "lin.weight": value,
+        "lin.bias": value,
+        "seen": step,
+        "scale": value,
+    }
     if set(ckpt.model_state) != set(expected):
         problems.append(f"model tensors {sorted(ckpt.model_state)}")
-    problems += [f"model {k}" for k, v in expected.items() if k in ckpt.model_state
-                 and not _same(ckpt.model_state[k], v)]
+    problems += [
+        f"model {k}" for k, v in expected.items() if k in ckpt.model_state and not _same(ckpt.model_state[k], v)
+    ]
     opt = ckpt.optimizer_state or {}
     buffers = [s.get("momentum_buffer") for s in opt.get("state", {}).values()]
     if len(buffers) != 3 or not all(_same(b, value) for b in buffers):
@@ -314,8 +336,7 @@ def evil_torch_file(marker: Path, how: str = "builtins.exec", *, like: str = "op
 def evil_raw_pickle(marker: Path) -> bytes:
     """Protocol 2, by hand: GLOBAL builtins.exec, one string argument, REDUCE (a legacy, non-zip .pt file)."""
     code = marker_code(marker).encode()
-    return (b"\x80\x02" + b"cbuiltins\nexec\n" + b"X" + struct.pack("<I", len(code)) + code
-            + b"\x85" + b"R" + b".")
+    return b"\x80\x02" + b"cbuiltins\nexec\n" + b"X" + struct.pack("<I", len(code)) + code + b"\x85" + b"R" + b"."
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -385,8 +406,14 @@ IO_OPS: dict[str, Callable[..., str]] = {
     "rename": lambda src, dst, *a, **k: f"{os.fspath(src)} -> {os.fspath(dst)}",
     "replace": lambda src, dst, *a, **k: f"{os.fspath(src)} -> {os.fspath(dst)}",
 }
-IO_ERRNO = {"write": errno.ENOSPC, "fsync": errno.EIO, "open": errno.ENOSPC, "mkdir": errno.EDQUOT,
-            "rename": errno.EIO, "replace": errno.EIO}
+IO_ERRNO = {
+    "write": errno.ENOSPC,
+    "fsync": errno.EIO,
+    "open": errno.ENOSPC,
+    "mkdir": errno.EDQUOT,
+    "rename": errno.EIO,
+    "replace": errno.EIO,
+}
 
 
 @dataclass
@@ -529,10 +556,18 @@ def _pos(spec: str, blob: bytes) -> int:
     n = len(blob)
     header_end = 8 + struct.unpack("<Q", blob[:8])[0] if blob[:1] != b"{" and n >= 8 else 0
     table = {
-        "third": n // 3, "half": n // 2, "2third": 2 * n // 3,
-        "end-22": n - 22, "end-2": n - 2, "end-1": n - 1,
-        "hdr-first": 8, "hdr-mid": (8 + header_end) // 2, "hdr-last": header_end - 1,
-        "data-first": header_end, "data-mid": (header_end + n) // 2, "data-last": n - 1,
+        "third": n // 3,
+        "half": n // 2,
+        "2third": 2 * n // 3,
+        "end-22": n - 22,
+        "end-2": n - 2,
+        "end-1": n - 1,
+        "hdr-first": 8,
+        "hdr-mid": (8 + header_end) // 2,
+        "hdr-last": header_end - 1,
+        "data-first": header_end,
+        "data-mid": (header_end + n) // 2,
+        "data-last": n - 1,
     }
     number = spec.removeprefix("len")
     at = int(number) if number.isdigit() else table[spec]
@@ -789,9 +824,14 @@ def _manifest_edits(model_names: Sequence[str]) -> dict[str, tuple[Callable[[dic
         "files-entry-extra-key": (_set(["files", st, "mode"], 420), ()),
         "files-tensor-table-missing-name": (_set(["files", st, "tensors", tensor], _DELETE), (st,)),
         "files-tensor-table-extra-name": (_set(["files", st, "tensors", "ghost"], "0" * 32), (st,)),
-        "files-unlisted-missing-file": (_set(["files", "extra.bin"], {"size": 1, "checksum": "0" * 32}), ("extra.bin",)),
-        "files-too-many": (lambda d: d["files"].update({f"f{i}.bin": {"size": 0, "checksum": "0" * 32}
-                                                        for i in range(70)}), ()),
+        "files-unlisted-missing-file": (
+            _set(["files", "extra.bin"], {"size": 1, "checksum": "0" * 32}),
+            ("extra.bin",),
+        ),
+        "files-too-many": (
+            lambda d: d["files"].update({f"f{i}.bin": {"size": 0, "checksum": "0" * 32} for i in range(70)}),
+            (),
+        ),
         "files-name-dotdot": (_set(["files", "../config.json"], {"size": 8, "checksum": "0" * 32}), ()),
         "files-name-absolute": (_set(["files", "/etc/passwd"], {"size": 8, "checksum": "0" * 32}), ()),
         "files-name-subdir": (_set(["files", "a/b.json"], {"size": 8, "checksum": "0" * 32}), ()),
@@ -802,8 +842,10 @@ def _manifest_edits(model_names: Sequence[str]) -> dict[str, tuple[Callable[[dic
         "aliases-shadow-tensor": (_set(["aliases", tensor], tensor), (st,)),
         "aliases-not-object": (_set(["aliases"], ["x"]), ()),
         "rng-bogus-source": (_set(["rng"], ["dice"]), ()),
-        "quantization-claimed": (_set(["quantization"], {"mode": "ptq", "bits": 8,
-                                                         "metadata_file": QUANT_FILE}), (QUANT_FILE,)),
+        "quantization-claimed": (
+            _set(["quantization"], {"mode": "ptq", "bits": 8, "metadata_file": QUANT_FILE}),
+            (QUANT_FILE,),
+        ),
         "extra-not-object": (_set(["extra"], [1]), ()),
         "not-an-object": (lambda d: [d], ()),
     }
@@ -829,15 +871,30 @@ _INVALID_JSON = {
 # JSON file -> valid JSON that is wrong for it (schema violations, wrong types)
 _WRONG_JSON: dict[str, dict[str, Any]] = {
     "config.json": {"array": [1, 2], "string": "lr=3e-4", "null": None, "number": 3},
-    "vocab.json": {"negative-id": {"a": -1}, "string-id": {"a": "1"}, "float-id": {"a": 1.5},
-                   "bool-id": {"a": True}, "int-tokens": [1, 2], "nested": [["a"]], "string": "abc"},
-    "rng.json": {"empty": {}, "python-version-2": {"python": {"version": 2, "gauss_next": None},
-                                                   "numpy": None, "torch": {"cpu": True, "cuda_devices": 0}},
-                 "numpy-pos-625": {"python": None, "numpy": {"bit_generator": "MT19937", "pos": 625, "has_gauss": 0,
-                                                             "cached_gaussian": 0.0},
-                                   "torch": {"cpu": True, "cuda_devices": 0}},
-                 "cuda-devices-string": {"python": None, "numpy": None, "torch": {"cpu": True, "cuda_devices": "2"}},
-                 "array": [1]},
+    "vocab.json": {
+        "negative-id": {"a": -1},
+        "string-id": {"a": "1"},
+        "float-id": {"a": 1.5},
+        "bool-id": {"a": True},
+        "int-tokens": [1, 2],
+        "nested": [["a"]],
+        "string": "abc",
+    },
+    "rng.json": {
+        "empty": {},
+        "python-version-2": {
+            "python": {"version": 2, "gauss_next": None},
+            "numpy": None,
+            "torch": {"cpu": True, "cuda_devices": 0},
+        },
+        "numpy-pos-625": {
+            "python": None,
+            "numpy": {"bit_generator": "MT19937", "pos": 625, "has_gauss": 0, "cached_gaussian": 0.0},
+            "torch": {"cpu": True, "cuda_devices": 0},
+        },
+        "cuda-devices-string": {"python": None, "numpy": None, "torch": {"cpu": True, "cuda_devices": "2"}},
+        "array": [1],
+    },
     QUANT_FILE: {"empty": {}, "array": [], "null": None},
 }
 
@@ -848,8 +905,12 @@ _SEMANTIC_JSON: dict[str, dict[str, tuple[Callable[[Any], Any], tuple[str, ...]]
         "bits-4-vs-manifest": (lambda d: d.update(bits=4, packing="int4-in-int32-lsb-first"), ()),
         "mode-qat-vs-manifest": (_set(["mode"], "qat"), ()),
         "module-shape-wrong": (lambda d: _set(["shape"], [7, 7])(d["modules"][0]), ()),
-        "module-tensor-missing": (lambda d: d["modules"][0]["tensors"].update(
-            weight={"name": "ghost.weight", "dtype": "I8", "shape": [1, 1]}), ()),
+        "module-tensor-missing": (
+            lambda d: d["modules"][0]["tensors"].update(
+                weight={"name": "ghost.weight", "dtype": "I8", "shape": [1, 1]}
+            ),
+            (),
+        ),
         "bits-3": (_set(["bits"], 3), ()),
         "format_version-string": (_set(["format_version"], "1"), ()),
         "unknown-field": (_set(["signed_by"], "me"), ()),
@@ -859,8 +920,7 @@ _SEMANTIC_JSON: dict[str, dict[str, tuple[Callable[[Any], Any], tuple[str, ...]]
 }
 
 _FLIPS_GENERIC = ("0", "1", "8", "third", "half", "2third", "end-2", "end-1")
-_FLIPS_ST = ("len0", "len1", "len3", "len7", "hdr-first", "hdr-mid", "hdr-last", "data-first", "data-mid",
-             "data-last")
+_FLIPS_ST = ("len0", "len1", "len3", "len7", "hdr-first", "hdr-mid", "hdr-last", "data-first", "data-mid", "data-last")
 _FLIPS_PT = ("0", "4", "30", "third", "half", "2third", "end-22", "end-2", "end-1")
 _TRUNCATIONS = ("0", "1", "7", "8", "third", "half", "end-2", "end-1")
 
@@ -872,11 +932,18 @@ def corruption_cases(model_names: Sequence[str] = ("emb.weight",), *, quantized:
     """
     cases: list[Case] = []
 
-    def add(file: str, kind: str, apply: Callable[[Path], None], attacker: str | None,
-            names: tuple[str, ...] = (), checksum_only: bool | None = None) -> None:
+    def add(
+        file: str,
+        kind: str,
+        apply: Callable[[Path], None],
+        attacker: str | None,
+        names: tuple[str, ...] = (),
+        checksum_only: bool | None = None,
+    ) -> None:
         only = attacker is None if checksum_only is None else checksum_only
-        cases.append(Case(f"{'q:' if quantized else ''}{file}:{kind}", file, apply, attacker, (file, *names),
-                          quantized, only))
+        cases.append(
+            Case(f"{'q:' if quantized else ''}{file}:{kind}", file, apply, attacker, (file, *names), quantized, only)
+        )
 
     files = (QUANT_FILE,) if quantized else FILES
     for name in files:
@@ -910,17 +977,31 @@ def corruption_cases(model_names: Sequence[str] = ("emb.weight",), *, quantized:
             add(name, "pt:not-a-zip", _replace(name, b"PK\x03\x04" + bytes(60)), "files")
             add(name, "pt:zip-without-pickle", _replace(name, _zip_of({"archive/version": b"3\n"})), "files")
             add(name, "pt:list-not-dict", _replace(name, _torch_bytes([1, 2, 3])), "files")
-            add(name, "pt:evil-exec", lambda d, name=name: (d / name).write_bytes(
-                evil_torch_file(d.parent / "PWNED")), "files")
-            add(name, "pt:evil-raw-pickle", lambda d, name=name: (d / name).write_bytes(
-                evil_raw_pickle(d.parent / "PWNED")), "files")
+            add(
+                name,
+                "pt:evil-exec",
+                lambda d, name=name: (d / name).write_bytes(evil_torch_file(d.parent / "PWNED")),
+                "files",
+            )
+            add(
+                name,
+                "pt:evil-raw-pickle",
+                lambda d, name=name: (d / name).write_bytes(evil_raw_pickle(d.parent / "PWNED")),
+                "files",
+            )
     if not quantized:
         for kind, (edit, names) in _manifest_edits(model_names).items():
             if kind.startswith("manifest_checksum"):  # resealing would repair it: only the plain variant
                 add("manifest.json", f"edit:{kind}", _edit_manifest(edit), None, names, checksum_only=False)
             else:
-                add("manifest.json", f"edit:{kind}", _edit_manifest(edit), "seal", names,
-                    checksum_only=kind == "files-checksum-wrong")
+                add(
+                    "manifest.json",
+                    f"edit:{kind}",
+                    _edit_manifest(edit),
+                    "seal",
+                    names,
+                    checksum_only=kind == "files-checksum-wrong",
+                )
     return cases
 
 
@@ -1068,8 +1149,14 @@ class TrialResult:
 def spawn(*args: str, stderr: Any = subprocess.PIPE) -> subprocess.Popen[str]:
     """Start ``python tests/faults.py ARGS`` (one thread per BLAS/OpenMP pool: the tests run many at once)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, str(FAULTS_PY), *args], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=stderr, text=True, env=env)
+    return subprocess.Popen(
+        [sys.executable, str(FAULTS_PY), *args],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=stderr,
+        text=True,
+        env=env,
+    )
 
 
 class ForkServer:
@@ -1103,17 +1190,25 @@ class ForkServer:
         self.log.seek(0)
         return self.log.read()[-4000:]
 
-    def run(self, jobs: Sequence[Sequence[str]], workdir: Path, *, stop_file: Path | None = None
-            ) -> list[tuple[int, list[str]]]:
+    def run(
+        self, jobs: Sequence[Sequence[str]], workdir: Path, *, stop_file: Path | None = None
+    ) -> list[tuple[int, list[str]]]:
         """Fork one worker per job (a role of ``main`` and its arguments), release them all at once, and
         wait for them; returns (exit status, output lines) per job. Readers are waited for last, after
         ``stop_file`` is created (so a reader ends even if it never sees what it waits for)."""
         workdir.mkdir(parents=True, exist_ok=True)
         outs = [workdir / f"worker{i}.out" for i in range(len(jobs))]
-        self._send({"jobs": [list(j) for j in jobs], "outs": [str(o) for o in outs],
-                    "stop": str(stop_file) if stop_file else None})
+        self._send(
+            {
+                "jobs": [list(j) for j in jobs],
+                "outs": [str(o) for o in outs],
+                "stop": str(stop_file) if stop_file else None,
+            }
+        )
         statuses = self._expect("statuses")
-        return [(status, out.read_text(encoding="utf-8").splitlines()) for status, out in zip(statuses, outs, strict=True)]
+        return [
+            (status, out.read_text(encoding="utf-8").splitlines()) for status, out in zip(statuses, outs, strict=True)
+        ]
 
     def trial(self, root: Path, rng: random.Random, *, kind: str, steps: int, ops_per_run: int) -> TrialResult:
         """One crash trial: a forked writer saves ``steps`` steps through CheckpointManager(root, keep_last=2),
@@ -1310,8 +1405,10 @@ def overwrite_kill_problems(template: Path, where: Path, kill_op: int) -> list[s
     root = where / "root"
     shutil.copytree(template, root)
     server = fork_server()
-    [(status, _)] = server.run([["kill-writer", str(root), "--step", "2", "--name", "B", "--overwrite",
-                                 "--kill-op", str(kill_op)]], where / "worker")
+    [(status, _)] = server.run(
+        [["kill-writer", str(root), "--step", "2", "--name", "B", "--overwrite", "--kill-op", str(kill_op)]],
+        where / "worker",
+    )
     problems = []
     if status not in (-signal.SIGKILL, 0):
         problems.append(f"the writer failed ({status}): {server.errors()}")
@@ -1401,8 +1498,15 @@ def role_writer(args: argparse.Namespace) -> None:
         except pc.CheckpointError as e:
             _say(json.dumps({"step": step, "outcome": type(e).__name__, "message": str(e)}))
         except Exception as e:  # reported to the parent, which fails the test
-            _say(json.dumps({"step": step, "outcome": f"unexpected {type(e).__module__}.{type(e).__qualname__}",
-                             "message": str(e)}))
+            _say(
+                json.dumps(
+                    {
+                        "step": step,
+                        "outcome": f"unexpected {type(e).__module__}.{type(e).__qualname__}",
+                        "message": str(e),
+                    }
+                )
+            )
     _say("done")
 
 

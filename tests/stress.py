@@ -61,8 +61,11 @@ def section(tally: Tally, name: str) -> Iterator[None]:
     try:
         yield
     except Exception as e:  # a section that breaks is itself a finding; the run goes on
-        tally.add("unexpected exceptions", name, [f"the section stopped: {type(e).__name__}: {e}\n"
-                                                  f"{traceback.format_exc()[-1500:]}"])
+        tally.add(
+            "unexpected exceptions",
+            name,
+            [f"the section stopped: {type(e).__name__}: {e}\n{traceback.format_exc()[-1500:]}"],
+        )
     tally.seconds[name] = time.monotonic() - start
 
 
@@ -132,8 +135,13 @@ def disk_full(tally: Tally, work: Path) -> None:
         where = f"RLIMIT_FSIZE={r['limit']}"
         if r["outcome"] != "CheckpointWriteError":
             tally.add("unexpected exceptions", where, [f"{r['outcome']}: {r['message']}"])
-        if (r["steps"], r["latest"], r["leftovers"], r["loaded"], r["problems"]) != ([1, 2], "step-00000002", [],
-                                                                                     2, []):
+        if (r["steps"], r["latest"], r["leftovers"], r["loaded"], r["problems"]) != (
+            [1, 2],
+            "step-00000002",
+            [],
+            2,
+            [],
+        ):
             tally.add("other broken promises", where, [f"root not as before: {r}"])
 
 
@@ -147,17 +155,24 @@ def random_flip_cases(rng: random.Random, pristine: Path, per_file: int) -> list
             def edit(blob: bytes, at: int = at, mask: int = mask) -> bytes:
                 return blob[:at] + bytes([blob[at] ^ mask]) + blob[at + 1 :]
 
-            cases.append(faults.Case(f"{name}:flip@{at}^{mask:02x}", name, faults.edit_bytes(name, edit), None,
-                                     (name,), False, True))
+            cases.append(
+                faults.Case(
+                    f"{name}:flip@{at}^{mask:02x}", name, faults.edit_bytes(name, edit), None, (name,), False, True
+                )
+            )
     return cases
 
 
 def corruption(tally: Tally, work: Path, rng: random.Random, flips: int) -> None:
-    pristine = {False: faults.save_step(work / "pristine" / "plain", 3),
-                True: pc.save_checkpoint(faults.quantized_model(), None, {}, faults.VOCAB, 3,
-                                         work / "pristine" / "quantized")}
-    cases = (faults.corruption_cases(["emb.weight"]) + faults.corruption_cases(quantized=True)
-             + random_flip_cases(rng, pristine[False], flips))
+    pristine = {
+        False: faults.save_step(work / "pristine" / "plain", 3),
+        True: pc.save_checkpoint(faults.quantized_model(), None, {}, faults.VOCAB, 3, work / "pristine" / "quantized"),
+    }
+    cases = (
+        faults.corruption_cases(["emb.weight"])
+        + faults.corruption_cases(quantized=True)
+        + random_flip_cases(rng, pristine[False], flips)
+    )
     for case in cases:
         scratch = work / "case"
         if scratch.exists():
@@ -213,28 +228,41 @@ def fuzz(tally: Tally, work: Path, examples: int, rng: random.Random) -> None:
 def concurrency(tally: Tally, work: Path, rounds: int) -> None:
     server = faults.fork_server()
     for r in range(rounds):
-        for scenario in ("different-steps", "same-steps", "retention-1", "retention-2", "overwrite",
-                         "overwrite-no-verify"):
+        for scenario in (
+            "different-steps",
+            "same-steps",
+            "retention-1",
+            "retention-2",
+            "overwrite",
+            "overwrite-no-verify",
+        ):
             base = work / f"{scenario}-{r}"
             root, stop = base / "root", base / "stop"
             reader = ["reader", str(root), "--stop-file", str(stop)]
             if scenario == "different-steps":
-                jobs = [["writer", str(root), "--name", "A", "--steps", ",".join(map(str, range(1, 20, 2)))],
-                        ["writer", str(root), "--name", "B", "--steps", ",".join(map(str, range(2, 21, 2)))],
-                        [*reader, "--until-step", "20", "--check-latest"]]
+                jobs = [
+                    ["writer", str(root), "--name", "A", "--steps", ",".join(map(str, range(1, 20, 2)))],
+                    ["writer", str(root), "--name", "B", "--steps", ",".join(map(str, range(2, 21, 2)))],
+                    [*reader, "--until-step", "20", "--check-latest"],
+                ]
             elif scenario == "same-steps":
-                jobs = [["writer", str(root), "--name", w, "--steps", ",".join(map(str, range(1, 11)))]
-                        for w in ("A", "B")] + [[*reader, "--until-step", "10", "--check-latest"]]
+                jobs = [
+                    ["writer", str(root), "--name", w, "--steps", ",".join(map(str, range(1, 11)))] for w in ("A", "B")
+                ] + [[*reader, "--until-step", "10", "--check-latest"]]
             elif scenario.startswith("overwrite"):
                 faults.save_step(root, 5, "A")
                 flags = ["--no-verify"] if scenario.endswith("no-verify") else []
-                jobs = [["writer", str(root), "--name", w, "--overwrite", "--steps", ",".join(["5"] * 20)]
-                        for w in ("A", "B")]
+                jobs = [
+                    ["writer", str(root), "--name", w, "--overwrite", "--steps", ",".join(["5"] * 20)]
+                    for w in ("A", "B")
+                ]
                 jobs += [[*reader, *flags], ["reader", str(root / "step-00000005"), "--stop-file", str(stop), *flags]]
             else:
                 keep = scenario[-1]
-                jobs = [["writer", str(root), "--keep-last", keep, "--steps", ",".join(map(str, range(1, 31)))],
-                        [*reader, "--until-step", "30"]]
+                jobs = [
+                    ["writer", str(root), "--keep-last", keep, "--steps", ",".join(map(str, range(1, 31)))],
+                    [*reader, "--until-step", "30"],
+                ]
             results = server.run(jobs, base / "workers", stop_file=stop)
             where = f"concurrency {scenario} round {r}"
             tally.faults += 1
@@ -250,8 +278,13 @@ def check_concurrency(tally: Tally, where: str, scenario: str, root: Path, outpu
         tally.concurrent_loads += counts["loaded"] + counts["latest_checked"]
         tally.concurrent_not_found += counts["not_found"]
         for bad in counts["bad"]:
-            kind = ("unexpected exceptions" if bad.startswith("builtins.") or ": builtins." in bad
-                    else "other broken promises" if "CheckpointCorruptedError" in bad else "silent corruptions")
+            kind = (
+                "unexpected exceptions"
+                if bad.startswith("builtins.") or ": builtins." in bad
+                else "other broken promises"
+                if "CheckpointCorruptedError" in bad
+                else "silent corruptions"
+            )
             tally.add(kind, f"{where} reader", [bad])
     writers = [{r["step"]: r for r in map(json.loads, lines[:-1])} for lines in outputs[: len(outputs) - len(readers)]]
     saved: dict[int, list[str]] = {}
@@ -262,11 +295,13 @@ def check_concurrency(tally: Tally, where: str, scenario: str, root: Path, outpu
             if r["outcome"] == "saved":
                 saved.setdefault(step, []).append(name)
             elif not (scenario == "same-steps" and r["outcome"] == "CheckpointExistsError"):
-                tally.add("unexpected exceptions" if r["outcome"].startswith("unexpected") else "other broken promises",
-                          where, [f"step {step}: {r['outcome']}: {r.get('message')}"])
+                tally.add(
+                    "unexpected exceptions" if r["outcome"].startswith("unexpected") else "other broken promises",
+                    where,
+                    [f"step {step}: {r['outcome']}: {r.get('message')}"],
+                )
     if scenario == "same-steps":
-        tally.add("other broken promises", where,
-                  [f"step {s}: saved by {w}" for s, w in saved.items() if len(w) != 1])
+        tally.add("other broken promises", where, [f"step {s}: saved by {w}" for s, w in saved.items() if len(w) != 1])
     for path in sorted(root.glob("step-*")):
         try:
             ckpt = pc.load_checkpoint(path, restore_rng=False)
@@ -294,13 +329,20 @@ def report(tally: Tally, seed: int, work: Path) -> None:
     print()
     print(f"portable-ckpt stress run (seed {seed}, workdir {work})")
     rows = [
-        ("trials run", tally.trials, "a saving process SIGKILLed: at random moments, and before each call of an "
-                                     "overwrite"),
+        (
+            "trials run",
+            tally.trials,
+            "a saving process SIGKILLed: at random moments, and before each call of an overwrite",
+        ),
         ("faults injected", tally.faults, "kills, failed I/O calls, file-size limits, concurrent rounds"),
         ("corrupt inputs tried", tally.corrupt_inputs, "damaged checkpoints loaded or validated"),
         ("fuzz examples run", tally.fuzz_examples, "hypothesis examples over all targets"),
-        ("concurrent loads", tally.concurrent_loads, f"complete checkpoints loaded by readers racing writers "
-                                                     f"(+{tally.concurrent_not_found} CheckpointNotFoundError)"),
+        (
+            "concurrent loads",
+            tally.concurrent_loads,
+            f"complete checkpoints loaded by readers racing writers "
+            f"(+{tally.concurrent_not_found} CheckpointNotFoundError)",
+        ),
         *[(kind, len(tally.findings[kind]), "") for kind in KINDS],
     ]
     for label, value, note in rows:
@@ -318,14 +360,23 @@ def report(tally: Tally, seed: int, work: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=50, help="crash trials (default 50)")
-    parser.add_argument("--fuzz-examples", type=int, default=5000,
-                        help="examples per fuzz target (a fifth for the targets that load whole checkpoints)")
+    parser.add_argument(
+        "--fuzz-examples",
+        type=int,
+        default=5000,
+        help="examples per fuzz target (a fifth for the targets that load whole checkpoints)",
+    )
     parser.add_argument("--flips", type=int, default=40, help="random byte flips per file, on top of the catalog")
     parser.add_argument("--concurrency-rounds", type=int, default=3)
     parser.add_argument("--seed", type=int, default=None, help="default: random (printed)")
     parser.add_argument("--workdir", type=Path, default=None, help="default: a temporary directory, removed")
-    parser.add_argument("--only", nargs="+", choices=SECTIONS, default=SECTIONS,
-                        help="run these sections only (each draws from its own generator, so a seed reproduces)")
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        choices=SECTIONS,
+        default=SECTIONS,
+        help="run these sections only (each draws from its own generator, so a seed reproduces)",
+    )
     args = parser.parse_args(argv)
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**32)
     work = args.workdir or Path(tempfile.mkdtemp(prefix="portable-ckpt-stress-"))

@@ -27,9 +27,31 @@ TENSORS = 256
 def result(tmp_path_factory) -> tuple[dict, Path]:
     tmp = tmp_path_factory.mktemp("bench")
     out = tmp / "results"
-    cmd = [sys.executable, "-m", "benchmarks", "--quick", "--size-mib", str(SIZE_MIB), "--tensors", str(TENSORS),
-           "--scaling", "1,2", "--lazy-size-mib", "2", "--async-size-mib", "2", "--small-tensors", "200",
-           "--reps", str(REPS), "--out", str(out), "--workdir", str(tmp), "--json"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "benchmarks",
+        "--quick",
+        "--size-mib",
+        str(SIZE_MIB),
+        "--tensors",
+        str(TENSORS),
+        "--scaling",
+        "1,2",
+        "--lazy-size-mib",
+        "2",
+        "--async-size-mib",
+        "2",
+        "--small-tensors",
+        "200",
+        "--reps",
+        str(REPS),
+        "--out",
+        str(out),
+        "--workdir",
+        str(tmp),
+        "--json",
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert list(tmp.glob("portable-ckpt-bench-*")) == []  # the work folder is removed
@@ -48,11 +70,30 @@ def test_every_case_and_row_is_reported(result):
     assert cases == (set(CASES) - {"async"}) | set(EXTRA_ROWS)  # the async case reports only its own rows
     ids = set(_by_id(doc))
     for state in ("model", "full"):
-        for case in ("save.raw_fsync", "save.raw", "save.ours", "save.torch", "save.torch_fsync", "load.raw",
-                     "load.ours", "load.ours_noverify", "load.torch", "load.torch_mmap"):
+        for case in (
+            "save.raw_fsync",
+            "save.raw",
+            "save.ours",
+            "save.torch",
+            "save.torch_fsync",
+            "load.raw",
+            "load.ours",
+            "load.ours_noverify",
+            "load.torch",
+            "load.torch_mmap",
+        ):
             assert f"{case}:{state}" in ids
-    assert {"save.safetensors:model", "load.safetensors:model", "save.ours:small", "save.ours:few",
-            "save.ours:scale-1", "load.ours:scale-2", "lazy:lazy", "lazy.raw:lazy", "lazy:small"} <= ids
+    assert {
+        "save.safetensors:model",
+        "load.safetensors:model",
+        "save.ours:small",
+        "save.ours:few",
+        "save.ours:scale-1",
+        "load.ours:scale-2",
+        "lazy:lazy",
+        "lazy.raw:lazy",
+        "lazy:small",
+    } <= ids
     assert "save.safetensors:full" not in ids  # safetensors cannot hold the optimizer state
 
 

@@ -90,8 +90,16 @@ def test_reader_never_sees_a_partial_checkpoint_during_retention(tmp_path: Path,
     root, stop = tmp_path / "root", tmp_path / "stop"  # the stop file is created by run_together
     n = 30
     writer, reader = run_together(
-        ["writer", str(root), "--name", "main", "--keep-last", str(keep_last),
-         "--steps", ",".join(str(s) for s in range(1, n + 1))],
+        [
+            "writer",
+            str(root),
+            "--name",
+            "main",
+            "--keep-last",
+            str(keep_last),
+            "--steps",
+            ",".join(str(s) for s in range(1, n + 1)),
+        ],
         ["reader", str(root), "--until-step", str(n), "--stop-file", str(stop)],
         tmp_path=tmp_path,
     )
@@ -133,8 +141,9 @@ def test_readers_during_overwrites_see_one_whole_checkpoint(tmp_path: Path, veri
 
 
 # (file, nth touch): a .pt file is opened to be verified, then torch.load opens it, sizes it and maps it
-RACE_POINTS = [(name, 1) for name in faults.FILES] + [(pt, k) for pt in ("optimizer.pt", "scheduler.pt")
-                                                      for k in (2, 3)]
+RACE_POINTS = [(name, 1) for name in faults.FILES] + [
+    (pt, k) for pt in ("optimizer.pt", "scheduler.pt") for k in (2, 3)
+]
 
 
 @pytest.mark.parametrize("verify", [True, False], ids=["verify", "no-verify"])
@@ -186,8 +195,10 @@ def test_a_verified_load_never_returns_bytes_it_did_not_verify(tmp_path: Path) -
     b = faults.save_step(tmp_path / "b", 5, "B")
     a_again = faults.save_step(tmp_path / "a", 5, "A")
     assert (b / "scheduler.pt").read_bytes() == (ckdir / "scheduler.pt").read_bytes()
-    with faults.after_open("optimizer.pt", lambda: faults.replace_with(ckdir, b)) as first, \
-            faults.after_open("scheduler.pt", lambda: faults.replace_with(ckdir, a_again)):
+    with (
+        faults.after_open("optimizer.pt", lambda: faults.replace_with(ckdir, b)) as first,
+        faults.after_open("scheduler.pt", lambda: faults.replace_with(ckdir, a_again)),
+    ):
         try:
             step, problems = faults.load_values(ckdir, verify=True)
             outcome = f"step {step} {problems}"

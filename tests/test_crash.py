@@ -26,14 +26,19 @@ def run_trials(tmp_path: Path, seed: int, kinds: list[str]) -> list[faults.Trial
     rng = random.Random(seed)
     ops = faults.count_ops(tmp_path / "count", STEPS)
     server = faults.fork_server()
-    return [server.trial(tmp_path / f"trial{i}", rng, kind=kind, steps=STEPS, ops_per_run=ops)
-            for i, kind in enumerate(kinds)]
+    return [
+        server.trial(tmp_path / f"trial{i}", rng, kind=kind, steps=STEPS, ops_per_run=ops)
+        for i, kind in enumerate(kinds)
+    ]
 
 
 def test_sigkill_at_random_moments_loses_nothing(tmp_path: Path) -> None:
     results = run_trials(tmp_path, seed=1234, kinds=["op", "op", "op", "begin", "begin"])
-    failures = [f"{r.mode}: committed {r.committed}, loaded {r.loaded}: {r.lost + r.silent + r.unexpected + r.other}"
-                for r in results if not r.ok]
+    failures = [
+        f"{r.mode}: committed {r.committed}, loaded {r.loaded}: {r.lost + r.silent + r.unexpected + r.other}"
+        for r in results
+        if not r.ok
+    ]
     assert not failures, "\n".join(failures)
     for r in results:
         if r.mode.startswith("kill@op"):
@@ -47,8 +52,9 @@ def test_count_of_io_calls_is_stable(tmp_path: Path) -> None:
 
 
 def dead_pid() -> int:
-    proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
-                          text=True, check=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True
+    )
     return int(proc.stdout)
 
 

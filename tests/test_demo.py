@@ -9,10 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from portable_ckpt import _demo, cli
-from portable_ckpt._demo import Demo, first_difference, plan, run_demo
+from portable_ckpt import cli
+from portable_ckpt.demo import demo as _demo
+from portable_ckpt.demo.demo import Demo, first_difference, plan, run_demo
 
-IDENTICAL = "IDENTICAL: all {} losses and all final parameters are bit-identical (and the optimizer and scheduler state)"
+IDENTICAL = (
+    "IDENTICAL: all {} losses and all final parameters are bit-identical (and the optimizer and scheduler state)"
+)
 
 
 def snapshot(directory: Path) -> dict[str, tuple[bytes, int]]:
@@ -89,7 +92,9 @@ def test_demo_proves_resume_and_later_runs_leave_earlier_ones_alone(
     assert IDENTICAL.format(3) in lines  # LoRA fine-tuning runs half the steps
     tuned = tmp_path / "run-002" / "lora-int4" / "interrupted" / "checkpoints" / "step-00000002"
     assert f"ok       {tuned}" in lines
-    assert any(line.startswith("integer weights frozen: all 27 base tensors (weight_packed, weight_scale, weight_shape)")
-               for line in lines)
+    assert any(
+        line.startswith("integer weights frozen: all 27 base tensors (weight_packed, weight_scale, weight_shape)")
+        for line in lines
+    )
     assert "quantization    lora, int4, symmetric, group 32" in lines
     assert "DIFFERENT" not in text and lines[-1].startswith("PASS")

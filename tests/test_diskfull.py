@@ -41,8 +41,10 @@ POINTS = [
     Point("write-model.safetensors-EDQUOT", "write", TMP + r"/model\.safetensors$", errno=errno.EDQUOT),
     Point("write-optimizer.pt-EFBIG", "write", TMP + r"/optimizer\.pt$", errno=errno.EFBIG),
     Point("write-optimizer.pt-3rd-call", "write", TMP + r"/optimizer\.pt$", nth=3),
-    *[Point(f"fsync-{name}", "fsync", f"{TMP}/{name.replace('.', '[.]')}$")
-      for name in ("model.safetensors", "optimizer.pt", "rng.json", "manifest.json")],
+    *[
+        Point(f"fsync-{name}", "fsync", f"{TMP}/{name.replace('.', '[.]')}$")
+        for name in ("model.safetensors", "optimizer.pt", "rng.json", "manifest.json")
+    ],
     Point("fsync-temporary-directory", "fsync", TMP + "$"),
     Point("rename-commit", "rename", TMP + r" -> .*/step-[0-9]+$"),
     Point("write-latest", "write", r"/\.tmp-latest-[^/]+$"),
@@ -101,8 +103,9 @@ def root_problems(root: Path) -> list[str]:
 @pytest.mark.parametrize("point", POINTS, ids=lambda p: p.id)
 def test_failed_save_leaves_the_root_as_it_was(point: Point, template: Path, tmp_path: Path) -> None:
     root, manager = prepared_root(template, tmp_path)
-    inj = faults.Injector(ops=(point.op,), match=point.match, fail_at=point.nth, errno=point.errno,
-                          partial=point.partial)
+    inj = faults.Injector(
+        ops=(point.op,), match=point.match, fail_at=point.nth, errno=point.errno, partial=point.partial
+    )
     with inj.installed():
         error = attempt(manager, 3)
     assert inj.failed, f"the fault was never injected; calls seen: {inj.calls}"
@@ -126,7 +129,8 @@ def test_failed_retention_after_a_commit_is_a_checkpoint_error(template: Path, t
         error = attempt(manager, 3)
     assert inj.failed, inj.calls
     assert error is None or isinstance(error, pc.CheckpointWriteError), (
-        f"{type(error).__module__}.{type(error).__qualname__}: {error}")
+        f"{type(error).__module__}.{type(error).__qualname__}: {error}"
+    )
     assert faults.latest_name(root) == "step-00000003"
     assert faults.leftovers(root) == []
     for step in manager.steps():
@@ -208,6 +212,11 @@ def test_disk_full_from_a_real_file_size_limit(tmp_path: Path) -> None:
         elif r["message"].endswith(": None"):  # write(2) errors carry no file name; OSError then prints "None"
             problems.append(f"limit {r['limit']}: the message ends in ': None': {r['message']}")
         if (r["steps"], r["latest"], r["leftovers"], r["loaded"], r["problems"]) != (
-                [1, 2], "step-00000002", [], 2, []):
+            [1, 2],
+            "step-00000002",
+            [],
+            2,
+            [],
+        ):
             problems.append(f"limit {r['limit']}: root not as before: {r}")
     assert not problems, "\n".join(problems)

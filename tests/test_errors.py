@@ -24,7 +24,7 @@ from portable_ckpt import (
     load_checkpoint,
     save_checkpoint,
 )
-from portable_ckpt._manifest import encode
+from portable_ckpt.format.manifest import encode
 
 
 def _rewrite_manifest(path: Path, change) -> None:
@@ -125,7 +125,9 @@ def test_flipped_tensor_byte(ckpt):
         CheckpointCorruptedError, match=r"model.safetensors: checksum mismatch: the manifest says [0-9a-f]{32}"
     ):
         load_checkpoint(ckpt)
-    with pytest.raises(CheckpointCorruptedError, match=r"checksum mismatch: .* the model's tensors were filled in place"):
+    with pytest.raises(
+        CheckpointCorruptedError, match=r"checksum mismatch: .* the model's tensors were filled in place"
+    ):
         load_checkpoint(ckpt, model=TinyLM())
     # with verification off the damage is not seen (it is the checksums' job)
     assert load_checkpoint(ckpt, verify=False).step == 7
@@ -228,7 +230,9 @@ def test_optimizer_mismatch(ckpt):
     model = TinyLM()
     wrong = torch.optim.AdamW([model.lin.weight])
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(StateMismatchError, match=r"optimizer does not match .*optimizer.pt: group 0 has 1 parameters, checkpoint has 5"):
+    with pytest.raises(
+        StateMismatchError, match=r"optimizer does not match .*optimizer.pt: group 0 has 1 parameters, checkpoint has 5"
+    ):
         load_checkpoint(ckpt, model=model, optimizer=wrong)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # refused before the model is filled
 

@@ -32,7 +32,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import portable_ckpt as pc
-from portable_ckpt import _jsonio, _legacy, _manifest, _quant, _safetensors, _schemas, _state
+from portable_ckpt import state as _state
+from portable_ckpt.convert import format0 as _legacy
+from portable_ckpt.format import jsonio as _jsonio
+from portable_ckpt.format import manifest as _manifest
+from portable_ckpt.format import safetensors as _safetensors
+from portable_ckpt.format import schemas as _schemas
+from portable_ckpt.quant import quantize as _quant
 
 EXAMPLES = 200  # per target, in the default suite
 EXAMPLES_SLOW = 60  # targets that load whole checkpoints or torch.load a file
@@ -44,18 +50,32 @@ EXAMPLES_RUN: collections.Counter[str] = collections.Counter()  # examples actua
 def _manifest_doc() -> dict[str, Any]:
     files = {name: {"size": 10 + i, "checksum": f"{i:032x}"} for i, name in enumerate(faults.FILES[:-1])}
     files["model.safetensors"]["tensors"] = {"emb.weight": "0" * 32, "lin.bias": "1" * 32}
-    return _manifest.build(step=3, files=files, aliases={"head.weight": "emb.weight"},
-                           rng=["python", "torch.cpu"], quantization=None, extra={"note": "fuzz"})
+    return _manifest.build(
+        step=3,
+        files=files,
+        aliases={"head.weight": "emb.weight"},
+        rng=["python", "torch.cpu"],
+        quantization=None,
+        extra={"note": "fuzz"},
+    )
 
 
 MANIFEST = _manifest_doc()
 QUANT_MODEL = faults.quantized_model()
 QUANT_META = _quant.quantization_metadata(QUANT_MODEL)
 QUANT_TENSORS = {k: (_safetensors.DTYPE_NAMES[v.dtype], list(v.shape)) for k, v in QUANT_MODEL.state_dict().items()}
-RNG_DOC = {"python": {"version": 3, "gauss_next": None}, "numpy": {"bit_generator": "MT19937", "pos": 624,
-           "has_gauss": 0, "cached_gaussian": 0.0}, "torch": {"cpu": True, "cuda_devices": 0}}
-SAFETENSORS = safetensors.torch.save({"a": torch.arange(6, dtype=torch.float32).reshape(2, 3),
-                                      "b": torch.ones(4, dtype=torch.int64), "c": torch.zeros(0)})
+RNG_DOC = {
+    "python": {"version": 3, "gauss_next": None},
+    "numpy": {"bit_generator": "MT19937", "pos": 624, "has_gauss": 0, "cached_gaussian": 0.0},
+    "torch": {"cpu": True, "cuda_devices": 0},
+}
+SAFETENSORS = safetensors.torch.save(
+    {
+        "a": torch.arange(6, dtype=torch.float32).reshape(2, 3),
+        "b": torch.ones(4, dtype=torch.int64),
+        "c": torch.zeros(0),
+    }
+)
 
 
 def _torch_bytes(obj: Any) -> bytes:
@@ -68,10 +88,18 @@ MODEL_PT = _torch_bytes({"lin.weight": torch.ones(3, 4), "lin.bias": torch.zeros
 
 # --- strategies -----------------------------------------------------------------------------------
 
-json_scalars = st.one_of(st.none(), st.booleans(), st.integers(-(2**70), 2**70),
-                         st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=12))
-json_values = st.recursive(json_scalars, lambda inner: st.one_of(
-    st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=8), inner, max_size=4)), max_leaves=12)
+json_scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**70), 2**70),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.text(max_size=12),
+)
+json_values = st.recursive(
+    json_scalars,
+    lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=8), inner, max_size=4)),
+    max_leaves=12,
+)
 
 
 def _paths(doc: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
@@ -115,7 +143,7 @@ def mutated_bytes(draw: st.DrawFn, blob: bytes) -> bytes:
         at = draw(st.integers(0, len(data)))
         data[at:at] = draw(st.binary(min_size=1, max_size=16))
     if draw(st.integers(0, 3)) == 0:
-        del data[draw(st.integers(0, len(data))):]
+        del data[draw(st.integers(0, len(data))) :]
     return bytes(data)
 
 
@@ -142,8 +170,11 @@ def structured_header(draw: st.DrawFn) -> tuple[bytes, int]:
         shape = draw(st.lists(huge_ints, max_size=4))
         size = draw(st.one_of(huge_ints, st.just(len(shape) and 4)))
         begin = draw(st.one_of(st.just(offset), huge_ints))
-        header[draw(st.text(max_size=6)) or f"t{i}"] = {"dtype": dtype, "shape": shape,
-                                                       "data_offsets": [begin, begin + size]}
+        header[draw(st.text(max_size=6)) or f"t{i}"] = {
+            "dtype": dtype,
+            "shape": shape,
+            "data_offsets": [begin, begin + size],
+        }
         offset = begin + size
     if draw(st.booleans()):
         header["__metadata__"] = draw(st.one_of(st.dictionaries(st.text(max_size=4), st.text(max_size=4)), json_values))
@@ -158,8 +189,9 @@ def structured_header(draw: st.DrawFn) -> tuple[bytes, int]:
 TARGETS: dict[str, tuple[st.SearchStrategy[Any], Callable[[Any, Path], None]]] = {}
 
 
-def target(name: str, strategy: st.SearchStrategy[Any]) -> Callable[[Callable[[Any, Path], None]],
-                                                                       Callable[[Any, Path], None]]:
+def target(
+    name: str, strategy: st.SearchStrategy[Any]
+) -> Callable[[Callable[[Any, Path], None]], Callable[[Any, Path], None]]:
     def register(check: Callable[[Any, Path], None]) -> Callable[[Any, Path], None]:
         TARGETS[name] = (strategy, check)
         return check
@@ -192,13 +224,16 @@ def check_manifest_sealed(value: tuple[Any, bool], workdir: Path) -> None:
     check_manifest_bytes(data, workdir)
 
 
-@target("json-documents", st.one_of(
-    st.tuples(st.just("quantization_metadata"), json_bytes(QUANT_META)),
-    st.tuples(st.just("rng"), json_bytes(RNG_DOC)),
-    st.tuples(st.just("vocab"), json_bytes(faults.VOCAB)),
-    st.tuples(st.just("vocab"), json_bytes({"a": 0, "b": 1})),
-    st.tuples(st.just("legacy_metadata"), json_bytes({"step": 5})),
-))
+@target(
+    "json-documents",
+    st.one_of(
+        st.tuples(st.just("quantization_metadata"), json_bytes(QUANT_META)),
+        st.tuples(st.just("rng"), json_bytes(RNG_DOC)),
+        st.tuples(st.just("vocab"), json_bytes(faults.VOCAB)),
+        st.tuples(st.just("vocab"), json_bytes({"a": 0, "b": 1})),
+        st.tuples(st.just("legacy_metadata"), json_bytes({"step": 5})),
+    ),
+)
 def check_json_document(value: tuple[str, bytes], workdir: Path) -> None:
     kind, data = value
     try:
@@ -210,8 +245,10 @@ def check_json_document(value: tuple[str, bytes], workdir: Path) -> None:
         return
 
 
-@target("header-bytes", st.tuples(st.one_of(st.binary(max_size=300), mutated_bytes(SAFETENSORS)),
-                                  st.one_of(st.just(-1), huge_ints)))
+@target(
+    "header-bytes",
+    st.tuples(st.one_of(st.binary(max_size=300), mutated_bytes(SAFETENSORS)), st.one_of(st.just(-1), huge_ints)),
+)
 def check_header_bytes(value: tuple[bytes, int], workdir: Path) -> None:
     data, size = value
     check_header(data, len(data) if size < 0 else size)
@@ -244,8 +281,10 @@ def _write_legacy(directory: Path, metadata: bytes, model: bytes) -> None:
     (directory / "model.pt").write_bytes(model)
 
 
-@target("legacy-directory", st.tuples(json_bytes({"step": 5}), st.one_of(
-    mutated_bytes(MODEL_PT), st.binary(max_size=200), st.just(MODEL_PT))))
+@target(
+    "legacy-directory",
+    st.tuples(json_bytes({"step": 5}), st.one_of(mutated_bytes(MODEL_PT), st.binary(max_size=200), st.just(MODEL_PT))),
+)
 def check_legacy(value: tuple[bytes, bytes], workdir: Path) -> None:
     directory = workdir / "legacy"
     _write_legacy(directory, *value)
@@ -296,8 +335,10 @@ def check_checkpoint_safetensors(value: tuple[bytes, bool], workdir: Path) -> No
     _load_mutated(workdir, "model.safetensors", *value)
 
 
-@target("checkpoint-optimizer.pt", st.tuples(mutated_bytes(_torch_bytes(faults.make_state(3)[1].state_dict())),
-                                            st.booleans()))
+@target(
+    "checkpoint-optimizer.pt",
+    st.tuples(mutated_bytes(_torch_bytes(faults.make_state(3)[1].state_dict())), st.booleans()),
+)
 def check_checkpoint_optimizer(value: tuple[bytes, bool], workdir: Path) -> None:
     _load_mutated(workdir, "optimizer.pt", *value)
 
@@ -310,8 +351,13 @@ def run_target(name: str, examples: int, workdir: Path, *, seed: int | None = No
     strategy, check = TARGETS[name]
     workdir.mkdir(parents=True, exist_ok=True)
 
-    @settings(max_examples=examples, deadline=None, database=None, derandomize=seed is None,
-              suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much, HealthCheck.data_too_large])
+    @settings(
+        max_examples=examples,
+        deadline=None,
+        database=None,
+        derandomize=seed is None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much, HealthCheck.data_too_large],
+    )
     @given(strategy)
     def fuzz(value: Any) -> None:
         EXAMPLES_RUN[name] += 1
@@ -370,9 +416,12 @@ def test_deeply_nested_json_is_refused_or_read(depth: int) -> None:
     text = _jsonio.dumps({k: v for k, v in doc.items() if k != "manifest_checksum"}).decode()
     body = text.replace('"extra":{"note":"fuzz"}', f'"extra":{{"deep":{nested}}}').encode()
     sealed = body[:-2] + b',"manifest_checksum":"' + faults.checksum(body).encode() + b'"}\n'
-    for parse in (lambda: _manifest.parse(sealed, where="fuzz"),
-                  lambda: _jsonio.loads(nested.encode(), "deep.json"),
-                  lambda: _safetensors.parse_header(faults.st_pack(f'{{"a":{nested}}}'.encode(), b""),
-                                                    8 + len(nested) + 8, "deep.safetensors")):
+    for parse in (
+        lambda: _manifest.parse(sealed, where="fuzz"),
+        lambda: _jsonio.loads(nested.encode(), "deep.json"),
+        lambda: _safetensors.parse_header(
+            faults.st_pack(f'{{"a":{nested}}}'.encode(), b""), 8 + len(nested) + 8, "deep.safetensors"
+        ),
+    ):
         with contextlib.suppress(pc.CheckpointError):
             parse()

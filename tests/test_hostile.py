@@ -85,8 +85,9 @@ def test_pickle_that_runs_code_is_refused(ckdir: Path, tmp_path: Path, name: str
     with pytest.raises(pc.CheckpointCorruptedError) as info:
         pc.load_checkpoint(ckdir, verify=verify, restore_rng=False)
     if how == "raw-pickle":  # not a zip: refused as unreadable or by the restricted unpickler, either way
-        assert re.match(rf"{re.escape(str(ckdir / name))}: (refused to unpickle|not a readable torch.save file)",
-                        str(info.value)), str(info.value)
+        assert re.match(
+            rf"{re.escape(str(ckdir / name))}: (refused to unpickle|not a readable torch.save file)", str(info.value)
+        ), str(info.value)
     else:
         assert f"{ckdir}/{name}: refused to unpickle" in str(info.value)
         assert "no code from a checkpoint is ever run" in str(info.value)
@@ -139,8 +140,19 @@ def test_legacy_checkpoint_loads(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "name",
-    ["../secret.json", "/tmp/secret.json", "sub/../../secret.json", "..", ".secret", "a\\..\\secret.json",
-     "secret.json\x00", "secret.json\n", "latest", "manifest.json", "x" * 129],
+    [
+        "../secret.json",
+        "/tmp/secret.json",
+        "sub/../../secret.json",
+        "..",
+        ".secret",
+        "a\\..\\secret.json",
+        "secret.json\x00",
+        "secret.json\n",
+        "latest",
+        "manifest.json",
+        "x" * 129,
+    ],
     ids=repr,
 )
 def test_manifest_file_name_leading_out_is_refused(ckdir: Path, name: str) -> None:
@@ -245,8 +257,16 @@ def test_inspect_escapes_control_characters_in_tensor_names(tmp_path: Path) -> N
     assert cli.main(["inspect", str(path)], out=out, err=io.StringIO()) == 0
     text = out.getvalue()
     assert all(c == "\n" or c.isprintable() for c in text), repr(text)
-    for escaped in ["\\x1b[31mred", "bell\\x07", "cr\\rover", "rtl\\u202eevil", "nul\\x00byte", "del\\x7f",
-                    "tab\\tname", "tied.\\x1b[2J"]:
+    for escaped in [
+        "\\x1b[31mred",
+        "bell\\x07",
+        "cr\\rover",
+        "rtl\\u202eevil",
+        "nul\\x00byte",
+        "del\\x7f",
+        "tab\\tname",
+        "tied.\\x1b[2J",
+    ]:
         assert escaped in text
     out = io.StringIO()
     assert cli.main(["inspect", "--json", str(path)], out=out, err=io.StringIO()) == 0

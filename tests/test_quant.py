@@ -16,13 +16,14 @@ from hypothesis import strategies as st
 from jsonschema import Draft202012Validator
 from torch import nn
 
-from portable_ckpt._errors import (
+from portable_ckpt.errors import (
     QuantizationMetadataError,
     StateMismatchError,
     UnsupportedFormatVersionError,
 )
-from portable_ckpt._qmodules import QuantizedModule
-from portable_ckpt._qpack import (
+from portable_ckpt.format.safetensors import DTYPE_NAMES
+from portable_ckpt.quant.modules import QuantizedModule
+from portable_ckpt.quant.packing import (
     INT_RANGES,
     compute_qparams,
     dequantize_values,
@@ -32,7 +33,7 @@ from portable_ckpt._qpack import (
     unpack_int32,
     unpack_zero_point,
 )
-from portable_ckpt._quant import (
+from portable_ckpt.quant.quantize import (
     apply_quantization,
     check_metadata,
     is_quantized,
@@ -40,7 +41,6 @@ from portable_ckpt._quant import (
     quantization_metadata,
     quantize,
 )
-from portable_ckpt._safetensors import DTYPE_NAMES
 
 ROOT = Path(__file__).resolve().parent.parent
 SCHEMA = json.loads((ROOT / "schemas" / "quantization_metadata.schema.json").read_text(encoding="utf-8"))

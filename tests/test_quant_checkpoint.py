@@ -22,8 +22,8 @@ from portable_ckpt import (
     quantize,
     save_checkpoint,
 )
-from portable_ckpt._manifest import encode
 from portable_ckpt.cli import main
+from portable_ckpt.format.manifest import encode
 
 COMBOS = list(itertools.product([8, 4], [True, False], [None, 16]))
 
@@ -128,7 +128,10 @@ def test_lora_resume_needs_the_optimizer_built_after_quantizing(tmp_path):
 
     stale = _float_net()
     stale_opt = torch.optim.AdamW(stale.parameters())
-    with pytest.raises(StateMismatchError, match=r"the optimizer holds the float model's parameters.*build the optimizer after quantize\(model, ...\)"):
+    with pytest.raises(
+        StateMismatchError,
+        match=r"the optimizer holds the float model's parameters.*build the optimizer after quantize\(model, ...\)",
+    ):
         load_checkpoint(path, model=stale, optimizer=stale_opt)
     assert not is_quantized(stale)  # refused before the model was touched
 
@@ -146,7 +149,7 @@ def _requantized(path: Path, change) -> None:
     data = (json.dumps(meta, sort_keys=True, separators=(",", ":")) + "\n").encode()
     (path / "quantization_metadata.json").write_bytes(data)
     manifest = json.loads((path / "manifest.json").read_text())
-    from portable_ckpt._hashing import checksum
+    from portable_ckpt.format.hashing import checksum
 
     manifest["files"]["quantization_metadata.json"] = {"size": len(data), "checksum": checksum(data)}
     (path / "manifest.json").write_bytes(encode(manifest))
@@ -159,7 +162,9 @@ def qpath(tmp_path) -> Path:
 
 def test_missing_metadata_file(qpath):
     (qpath / "quantization_metadata.json").unlink()
-    with pytest.raises(QuantizationMetadataError, match=r"quantization_metadata.json: the quantization metadata file is missing"):
+    with pytest.raises(
+        QuantizationMetadataError, match=r"quantization_metadata.json: the quantization metadata file is missing"
+    ):
         load_checkpoint(qpath, model=_float_net())
 
 

@@ -19,7 +19,7 @@ from portable_ckpt import (
     load_checkpoint,
     save_checkpoint,
 )
-from portable_ckpt._reader import open_checkpoint
+from portable_ckpt.reader import open_checkpoint
 
 
 def _offsets(path: Path) -> dict[str, tuple[int, int]]:
@@ -68,7 +68,9 @@ def test_values_equal_load_checkpoint(saved):
 
 
 @pytest.mark.parametrize(
-    "dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.uint8, torch.bool], ids=str
+    "dtype",
+    [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.uint8, torch.bool],
+    ids=str,
 )
 def test_dtypes_and_info(tmp_path, dtype):
     t = (torch.arange(12) % 3).to(dtype).reshape(3, 4)
@@ -223,7 +225,7 @@ def test_legacy_checkpoint_is_refused_with_a_remedy(tmp_path):
 
 
 def test_without_per_tensor_checksums_only_unverified_reads(saved):
-    from portable_ckpt import _manifest
+    from portable_ckpt.format import manifest as _manifest
 
     manifest = saved / "manifest.json"
     doc = json.loads(manifest.read_text())
@@ -237,7 +239,7 @@ def test_without_per_tensor_checksums_only_unverified_reads(saved):
 
 
 def test_alias_to_a_missing_tensor_is_refused(saved):
-    from portable_ckpt import _manifest
+    from portable_ckpt.format import manifest as _manifest
 
     manifest = saved / "manifest.json"
     doc = json.loads(manifest.read_text())

@@ -1,6 +1,6 @@
 """Exact resume: a training process SIGKILLed at any point and resumed in a new process is bit-identical.
 
-Every run here is a separate process (``python -m portable_ckpt._trainer`` or a small probe script)
+Every run here is a separate process (``python -m portable_ckpt.demo.trainer`` or a small probe script)
 with one torch thread, so all of them split float reductions the same way. One uninterrupted run per
 module is the reference; each test kills another run with SIGKILL at a chosen step, checks what the
 checkpoints hold at that moment, resumes it in a new process and compares every loss and tensor.
@@ -23,9 +23,7 @@ import pytest
 import torch
 
 from portable_ckpt import CheckpointManager, load_checkpoint, prepare_model
-from portable_ckpt._inspect import validate_checkpoint
-from portable_ckpt._qmodules import QuantizedModule
-from portable_ckpt._trainer import (
+from portable_ckpt.demo.trainer import (
     TrainConfig,
     build_vocab,
     eval_loss,
@@ -38,12 +36,23 @@ from portable_ckpt._trainer import (
     quantized_base,
     read_loss_log,
 )
+from portable_ckpt.inspect import validate_checkpoint
+from portable_ckpt.quant.modules import QuantizedModule
 
 pytestmark = pytest.mark.slow
 
 # Saves at steps 0, 4, 8, 12 and 15 (the last); a step takes a few milliseconds.
-SMALL = TrainConfig(block_size=16, batch_size=4, n_layer=1, n_head=2, n_embd=32, warmup_steps=2,
-                    total_steps=16, save_every=4, keep_last=2)
+SMALL = TrainConfig(
+    block_size=16,
+    batch_size=4,
+    n_layer=1,
+    n_head=2,
+    n_embd=32,
+    warmup_steps=2,
+    total_steps=16,
+    save_every=4,
+    keep_last=2,
+)
 # Fine-tuning: saves at 0, 4, 8 and 11. int4 groups of 16 divide every width of the small model.
 TUNE = dataclasses.replace(finetune_config(SMALL), total_steps=12, save_every=4, lr=3e-3)
 LORA = {"bits": 4, "mode": "lora", "group_size": 16, "symmetric": True}
@@ -54,7 +63,7 @@ QAT = {"bits": 8, "mode": "qat", "group_size": None, "symmetric": False}
 PROBE = r"""
 import json, random, re, sys
 import numpy as np, torch
-from portable_ckpt import _trainer
+from portable_ckpt.demo import trainer as _trainer
 
 run_dir, config, kill_at, capture = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 torch.set_num_threads(1)
@@ -75,15 +84,25 @@ _trainer.run(run_dir, job, kill_at=kill_at, log=probe)
 
 
 def trainer_command(run_dir: Path, cfg: TrainConfig, *extra: str, kill_at: int | None = None) -> list[str]:
-    cmd = [sys.executable, "-m", "portable_ckpt._trainer", str(run_dir), "--threads", "1",
-           "--config", json.dumps(dataclasses.asdict(cfg)), *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "portable_ckpt.demo.trainer",
+        str(run_dir),
+        "--threads",
+        "1",
+        "--config",
+        json.dumps(dataclasses.asdict(cfg)),
+        *extra,
+    ]
     return cmd if kill_at is None else [*cmd, "--kill-at", str(kill_at)]
 
 
 def trainer(run_dir: Path, cfg: TrainConfig, *extra: str, kill_at: int | None = None) -> int:
     """Run the trainer's command line to the end (or to ``kill_at``); its exit status."""
-    return subprocess.run(trainer_command(run_dir, cfg, *extra, kill_at=kill_at), capture_output=True,
-                          check=False).returncode
+    return subprocess.run(
+        trainer_command(run_dir, cfg, *extra, kill_at=kill_at), capture_output=True, check=False
+    ).returncode
 
 
 def concurrently(*commands: list[str]) -> list[int]:
@@ -102,8 +121,11 @@ def finetune_args(base: Path, scheme: dict[str, Any]) -> list[str]:
 def differences(a: Any, b: Any, where: str = "") -> list[str]:
     """Where two nested states differ; tensors are compared bit for bit (dtype, shape and bytes)."""
     if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
-        same = a.dtype == b.dtype and a.shape == b.shape and torch.equal(
-            a.contiguous().view(-1).view(torch.uint8), b.contiguous().view(-1).view(torch.uint8))
+        same = (
+            a.dtype == b.dtype
+            and a.shape == b.shape
+            and torch.equal(a.contiguous().view(-1).view(torch.uint8), b.contiguous().view(-1).view(torch.uint8))
+        )
         return [] if same else [where]
     if isinstance(a, dict) and isinstance(b, dict):
         if a.keys() != b.keys():
@@ -116,8 +138,12 @@ def differences(a: Any, b: Any, where: str = "") -> list[str]:
 
 def final_state(run_dir: Path) -> dict[str, Any]:
     ckpt = load_checkpoint(run_dir / "checkpoints", restore_rng=False)
-    return {"step": ckpt.step, "model": ckpt.model_state, "optimizer": ckpt.optimizer_state,
-            "scheduler": ckpt.scheduler_state}
+    return {
+        "step": ckpt.step,
+        "model": ckpt.model_state,
+        "optimizer": ckpt.optimizer_state,
+        "scheduler": ckpt.scheduler_state,
+    }
 
 
 def assert_same_run(resumed: Path, reference: Path, steps: int) -> None:
@@ -160,7 +186,9 @@ def test_sigkill_and_resume_is_bit_identical(
     capture.mkdir()
     killed = subprocess.run(
         [sys.executable, "-c", PROBE, str(run_dir), json.dumps(dataclasses.asdict(SMALL)), str(kill_at), str(capture)],
-        capture_output=True, text=True, check=False,
+        capture_output=True,
+        text=True,
+        check=False,
     )
     assert killed.returncode == -signal.SIGKILL, killed.stderr
 
@@ -181,9 +209,15 @@ def test_sigkill_and_resume_is_bit_identical(
     assert (ckpt.step, ckpt.config, ckpt.vocab) == (newest, dataclasses.asdict(SMALL), build_vocab(load_text()))
     numpy_state: Any = np.random.get_state()
     name, keys, pos, has_gauss, cached = numpy_state
-    restored = {"step": ckpt.step, "model": job.model.state_dict(), "optimizer": job.optimizer.state_dict(),
-                "scheduler": job.scheduler.state_dict(), "torch": torch.get_rng_state(),
-                "python": random.getstate(), "numpy": (name, keys.tolist(), pos, has_gauss, cached)}
+    restored = {
+        "step": ckpt.step,
+        "model": job.model.state_dict(),
+        "optimizer": job.optimizer.state_dict(),
+        "scheduler": job.scheduler.state_dict(),
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": (name, keys.tolist(), pos, has_gauss, cached),
+    }
     assert differences(restored, saved) == []
     assert job.optimizer.state_dict()["state"]  # Adam moments really were restored, not empty on both sides
 
@@ -202,6 +236,7 @@ def test_killed_at_the_last_step_resumes_to_nothing_left(reference: Path, tmp_pa
 
 
 # --- quantized fine-tuning -------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def base(reference: Path) -> Path:
@@ -251,8 +286,9 @@ def test_qat_finetuning_killed_and_resumed_is_bit_identical_with_weights_on_the_
     base: Path, tmp_path: Path
 ) -> None:
     args = finetune_args(base, QAT)
-    assert concurrently(trainer_command(tmp_path / "reference", TUNE, *args),
-                        trainer_command(tmp_path / "run", TUNE, *args, kill_at=9)) == [0, -signal.SIGKILL]
+    assert concurrently(
+        trainer_command(tmp_path / "reference", TUNE, *args), trainer_command(tmp_path / "run", TUNE, *args, kill_at=9)
+    ) == [0, -signal.SIGKILL]
     assert trainer(tmp_path / "run", TUNE, *args) == 0
     assert_same_run(tmp_path / "run", tmp_path / "reference", TUNE.total_steps)
 

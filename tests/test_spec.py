@@ -28,16 +28,16 @@ from safetensors.torch import save as reference_save
 from portable_ckpt import (
     CheckpointCorruptedError,
     StateMismatchError,
-    _jsonio,
-    _layout,
-    _manifest,
-    _safetensors,
-    _schemas,
     load_checkpoint,
     prepare_model,
     quantize,
     save_checkpoint,
 )
+from portable_ckpt.format import jsonio as _jsonio
+from portable_ckpt.format import manifest as _manifest
+from portable_ckpt.format import safetensors as _safetensors
+from portable_ckpt.format import schemas as _schemas
+from portable_ckpt.storage import local as _layout
 
 ROOT = Path(__file__).resolve().parent.parent
 SPEC_DIR = ROOT / "format_spec"

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from portable_ckpt import CheckpointManager
-from portable_ckpt._trainer import (
+from portable_ckpt.demo.trainer import (
     LOSSES_FILE,
     TrainConfig,
     build_vocab,
@@ -30,8 +30,17 @@ from portable_ckpt._trainer import (
 )
 
 # Small enough that a step takes a few milliseconds.
-TINY = TrainConfig(block_size=16, batch_size=4, n_layer=1, n_head=2, n_embd=32, warmup_steps=2,
-                   total_steps=5, save_every=2, keep_last=2)
+TINY = TrainConfig(
+    block_size=16,
+    batch_size=4,
+    n_layer=1,
+    n_head=2,
+    n_embd=32,
+    warmup_steps=2,
+    total_steps=5,
+    save_every=2,
+    keep_last=2,
+)
 
 
 def fresh_losses(cfg: TrainConfig, steps: int) -> list[float]:

@@ -22,11 +22,11 @@ import torch
 
 import portable_ckpt
 from portable_ckpt import convert, load_checkpoint
-from portable_ckpt._hashing import checksum
-from portable_ckpt._inspect import validate_checkpoint
-from portable_ckpt._manifest import encode
-from portable_ckpt._safetensors import DTYPES
 from portable_ckpt.cli import main
+from portable_ckpt.format.hashing import checksum
+from portable_ckpt.format.manifest import encode
+from portable_ckpt.format.safetensors import DTYPES
+from portable_ckpt.inspect import validate_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 VECTORS = ROOT / "format_spec" / "vectors"

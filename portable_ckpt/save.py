@@ -13,10 +13,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import _jsonio, _layout, _manifest, _quant, _rng, _safetensors, _schemas, _threads
-from ._errors import CheckpointError, CheckpointExistsError, CheckpointInputError
-from ._hashing import checksum
-from ._state import Stateful, model_state, save_pt
+from portable_ckpt import threads as _threads
+from portable_ckpt.errors import CheckpointError, CheckpointExistsError, CheckpointInputError
+from portable_ckpt.format import jsonio as _jsonio
+from portable_ckpt.format import manifest as _manifest
+from portable_ckpt.format import rng as _rng
+from portable_ckpt.format import safetensors as _safetensors
+from portable_ckpt.format import schemas as _schemas
+from portable_ckpt.format.hashing import checksum
+from portable_ckpt.quant import quantize as _quant
+from portable_ckpt.state import Stateful, model_state, save_pt
+from portable_ckpt.storage import local as _layout
 
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"

@@ -13,14 +13,15 @@ from typing import Any
 
 from torch import nn
 
-from ._errors import (
+from portable_ckpt.errors import (
     CheckpointInputError,
     QuantizationMetadataError,
     StateMismatchError,
     UnsupportedFormatVersionError,
 )
-from ._qmodules import QuantEmbedding, QuantizedModule, QuantLinear, QuantSpec
-from ._qpack import (
+from portable_ckpt.format.safetensors import DTYPE_NAMES
+from portable_ckpt.quant.modules import QuantEmbedding, QuantizedModule, QuantLinear, QuantSpec
+from portable_ckpt.quant.packing import (
     COMPUTE,
     COMPUTE_DTYPE_NAMES,
     COMPUTE_DTYPES,
@@ -32,7 +33,6 @@ from ._qpack import (
     role_layout,
     roles,
 )
-from ._safetensors import DTYPE_NAMES
 
 FORMAT_VERSION = 1
 METHOD = "portable-ckpt-rtn"  # round to nearest, scales from the min/max of each channel or group

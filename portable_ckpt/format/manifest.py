@@ -10,9 +10,11 @@ from typing import Any
 
 import torch
 
-from . import _jsonio, _layout, _schemas
-from ._errors import CheckpointCorruptedError, UnsupportedFormatVersionError
-from ._hashing import ALGORITHM, checksum
+from portable_ckpt.errors import CheckpointCorruptedError, UnsupportedFormatVersionError
+from portable_ckpt.format import jsonio as _jsonio
+from portable_ckpt.format import schemas as _schemas
+from portable_ckpt.format.hashing import ALGORITHM, checksum
+from portable_ckpt.storage import local as _layout
 
 FORMAT = "portable-ckpt"
 FORMAT_VERSION = 1

@@ -19,11 +19,13 @@ from typing import Any
 
 import torch
 
-from . import _legacy, _manifest, _safetensors
-from ._errors import CheckpointCorruptedError, CheckpointInputError
-from ._hashing import checksum
-from ._load import _check_aliases, _check_tensor_table, _Files, resolve
-from ._save import MODEL_FILE
+from portable_ckpt.convert import format0 as _legacy
+from portable_ckpt.errors import CheckpointCorruptedError, CheckpointInputError
+from portable_ckpt.format import manifest as _manifest
+from portable_ckpt.format import safetensors as _safetensors
+from portable_ckpt.format.hashing import checksum
+from portable_ckpt.load import _check_aliases, _check_tensor_table, _Files, resolve
+from portable_ckpt.save import MODEL_FILE
 
 _CHUNK = 1 << 30  # a single read moves at most ~2 GiB on Linux
 

@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._qpack import (
+from portable_ckpt.format.safetensors import DTYPES
+from portable_ckpt.quant.packing import (
     COMPUTE,
     PACKING_FOR_BITS,
     PACKINGS,
@@ -28,7 +29,6 @@ from ._qpack import (
     role_layout,
     roles,
 )
-from ._safetensors import DTYPES
 
 
 @dataclass(frozen=True, slots=True)

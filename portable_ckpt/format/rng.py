@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from ._errors import CheckpointCorruptedError
+from portable_ckpt.errors import CheckpointCorruptedError
 
 TENSOR_FILE = "rng.safetensors"
 JSON_FILE = "rng.json"

@@ -8,7 +8,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from ._errors import CheckpointCorruptedError, CheckpointInputError
+from portable_ckpt.errors import CheckpointCorruptedError, CheckpointInputError
 
 MAX_JSON_BYTES = 64 * 1024 * 1024  # the spec's limit for any JSON document of a checkpoint
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import jsonschema
 
-from ._errors import CheckpointCorruptedError
+from portable_ckpt.errors import CheckpointCorruptedError
 
 # document kind -> schema file; the same files ship in the wheel as portable_ckpt/schemas/
 SCHEMA_FILES = {
@@ -27,7 +27,7 @@ def schema_dir() -> Path:
     packaged = Path(str(resources.files("portable_ckpt"))) / "schemas"
     if packaged.is_dir():
         return packaged
-    return Path(__file__).resolve().parent.parent / "schemas"
+    return Path(__file__).resolve().parents[2] / "schemas"
 
 
 @cache

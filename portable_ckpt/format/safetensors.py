@@ -18,10 +18,10 @@ from dataclasses import dataclass
 
 import torch
 
-from . import _threads
-from ._errors import CheckpointCorruptedError, CheckpointInputError
-from ._hashing import Hasher, new_hasher
-from ._jsonio import unique_keys
+from portable_ckpt import threads as _threads
+from portable_ckpt.errors import CheckpointCorruptedError, CheckpointInputError
+from portable_ckpt.format.hashing import Hasher, new_hasher
+from portable_ckpt.format.jsonio import unique_keys
 
 # safetensors dtype name -> torch dtype, listed in the order of the format's dtype enum.
 # Tensors are laid out by this order descending, then by name (as the reference writer does).

@@ -19,7 +19,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-from ._errors import (
+from portable_ckpt.errors import (
     CheckpointCorruptedError,
     CheckpointError,
     CheckpointExistsError,

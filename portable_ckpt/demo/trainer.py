@@ -14,7 +14,7 @@ command line's ``--threads``).
 LoRA adapters trained (mode "lora"), or float master weights trained through fake quantization
 (mode "qat"), checkpointed and resumable exactly like ``train``.
 
-    python -m portable_ckpt._trainer RUN_DIR [--steps N] [--kill-at STEP] [--save-every K] [--threads T]
+    python -m portable_ckpt.demo.trainer RUN_DIR [--steps N] [--kill-at STEP] [--save-every K] [--threads T]
                                      [--config JSON] [--finetune-from CKPT --bits 8|4 --mode lora|qat]
 """
 
@@ -37,12 +37,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._errors import CheckpointError
-from ._load import load_checkpoint, prepare_model
-from ._manager import CheckpointManager
-from ._qmodules import QuantizedModule
-from ._quant import quantize
-from ._save import save_checkpoint
+from portable_ckpt.errors import CheckpointError
+from portable_ckpt.load import load_checkpoint, prepare_model
+from portable_ckpt.manager import CheckpointManager
+from portable_ckpt.quant.modules import QuantizedModule
+from portable_ckpt.quant.quantize import quantize
+from portable_ckpt.save import save_checkpoint
 
 LOSSES_FILE = "losses.jsonl"
 
@@ -70,15 +70,15 @@ class TrainConfig:
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head})")
         if self.save_every < 1 or self.total_steps < 1:
-            raise ValueError(f"save_every ({self.save_every}) and total_steps ({self.total_steps}) "
-                             "must be >= 1")
+            raise ValueError(f"save_every ({self.save_every}) and total_steps ({self.total_steps}) must be >= 1")
 
 
 # --- data ---------------------------------------------------------------------------------------
 
+
 def load_text() -> str:
     """The public-domain training text shipped in ``portable_ckpt/data`` (see its README)."""
-    return resources.files("portable_ckpt").joinpath("data", "shakespeare.txt").read_text(encoding="utf-8")
+    return resources.files("portable_ckpt").joinpath("demo", "data", "shakespeare.txt").read_text(encoding="utf-8")
 
 
 def build_vocab(text: str) -> list[str]:
@@ -117,6 +117,7 @@ def get_batch(
 
 # --- model --------------------------------------------------------------------------------------
 
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: TrainConfig) -> None:
         super().__init__()
@@ -131,8 +132,7 @@ class CausalSelfAttention(nn.Module):
         q, k, v = self.qkv(x).split(c, dim=2)
         # [B, T, C] -> [B, heads, T, C / heads]
         q, k, v = (z.view(b, t, self.n_head, c // self.n_head).transpose(1, 2) for z in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                           dropout_p=self.dropout if self.training else 0.0)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
         return self.resid_drop(self.proj(y.transpose(1, 2).reshape(b, t, c)))
 
 
@@ -204,6 +204,7 @@ def make_model(cfg: TrainConfig, vocab_size: int) -> CharTransformer:
 
 # --- optimisation -------------------------------------------------------------------------------
 
+
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     """AdamW over the trainable parameters; weight decay on matrices and embeddings, not biases or LayerNorm gains."""
     params = [p for p in model.parameters() if p.requires_grad]  # yields the tied tensor once
@@ -271,9 +272,7 @@ def train_steps(
 
 
 @torch.no_grad()
-def evaluate(
-    model: CharTransformer, data: torch.Tensor, cfg: TrainConfig, *, batches: int = 4, seed: int = 0
-) -> float:
+def evaluate(model: CharTransformer, data: torch.Tensor, cfg: TrainConfig, *, batches: int = 4, seed: int = 0) -> float:
     """Mean loss over ``batches`` fixed batches, in eval mode; leaves the global generator untouched."""
     was_training = model.training
     model.eval()
@@ -284,6 +283,7 @@ def evaluate(
 
 
 # --- the checkpointed run -----------------------------------------------------------------------
+
 
 @dataclass(frozen=True, slots=True)
 class Job:
@@ -321,8 +321,10 @@ def run(
     """
     run_dir = Path(run_dir)
     cfg = job.cfg
-    with (CheckpointManager(run_dir / "checkpoints", keep_last=cfg.keep_last) as manager,
-          open(run_dir / LOSSES_FILE, "a", encoding="utf-8") as losses):
+    with (
+        CheckpointManager(run_dir / "checkpoints", keep_last=cfg.keep_last) as manager,
+        open(run_dir / LOSSES_FILE, "a", encoding="utf-8") as losses,
+    ):
         # Restores weights, optimizer, schedule and the global RNGs, so the next batch and dropout
         # mask are the ones the uninterrupted run would draw.
         ckpt = manager.restore(job.model, job.optimizer, scheduler=job.scheduler)
@@ -341,8 +343,9 @@ def run(
             if step == kill_at:
                 os.kill(os.getpid(), signal.SIGKILL)
 
-        return train_steps(job.model, job.optimizer, job.scheduler, job.data, cfg, range(start, cfg.total_steps),
-                           after_step=after_step)
+        return train_steps(
+            job.model, job.optimizer, job.scheduler, job.data, cfg, range(start, cfg.total_steps), after_step=after_step
+        )
 
 
 def train(
@@ -479,24 +482,53 @@ def eval_loss(path: str | Path, *, batches: int = 8) -> float:
 
 # --- command line -------------------------------------------------------------------------------
 
+
 def main(argv: list[str] | None = None) -> int:
     """Train, or fine-tune, one run (resuming if possible); progress to stderr, a JSON summary line to stdout."""
-    parser = argparse.ArgumentParser(prog="python -m portable_ckpt._trainer",
-                                     description="Train the reference char-level LM, resuming if possible.")
+    parser = argparse.ArgumentParser(
+        prog="python -m portable_ckpt.demo.trainer",
+        description="Train the reference char-level LM, resuming if possible.",
+    )
     parser.add_argument("run_dir", type=Path, help="holds checkpoints/ and losses.jsonl")
-    parser.add_argument("--steps", type=int, default=None, metavar="N",
-                        help="total steps (default 60; 30 when fine-tuning)")
-    parser.add_argument("--kill-at", type=int, default=None, metavar="STEP",
-                        help="SIGKILL this process at the end of STEP (after its loss line and its save)")
-    parser.add_argument("--save-every", type=int, default=None, metavar="K",
-                        help="save when step %% K == 0 and at the last step (default 10)")
-    parser.add_argument("--config", type=json.loads, default={}, metavar="JSON",
-                        help='other TrainConfig fields as a JSON object, e.g. \'{"n_layer": 1}\'')
-    parser.add_argument("--threads", type=int, default=None, metavar="T",
-                        help="torch intra-op threads; runs compared bit for bit need the same count")
+    parser.add_argument(
+        "--steps", type=int, default=None, metavar="N", help="total steps (default 60; 30 when fine-tuning)"
+    )
+    parser.add_argument(
+        "--kill-at",
+        type=int,
+        default=None,
+        metavar="STEP",
+        help="SIGKILL this process at the end of STEP (after its loss line and its save)",
+    )
+    parser.add_argument(
+        "--save-every",
+        type=int,
+        default=None,
+        metavar="K",
+        help="save when step %% K == 0 and at the last step (default 10)",
+    )
+    parser.add_argument(
+        "--config",
+        type=json.loads,
+        default={},
+        metavar="JSON",
+        help="other TrainConfig fields as a JSON object, e.g. '{\"n_layer\": 1}'",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        metavar="T",
+        help="torch intra-op threads; runs compared bit for bit need the same count",
+    )
     tune = parser.add_argument_group("quantized fine-tuning")
-    tune.add_argument("--finetune-from", type=Path, default=None, metavar="CKPT",
-                      help="fine-tune this float checkpoint (or checkpoints root), quantized")
+    tune.add_argument(
+        "--finetune-from",
+        type=Path,
+        default=None,
+        metavar="CKPT",
+        help="fine-tune this float checkpoint (or checkpoints root), quantized",
+    )
     tune.add_argument("--bits", type=int, choices=[8, 4], default=8)
     tune.add_argument("--mode", choices=["lora", "qat"], default="lora")
     tune.add_argument("--group-size", type=int, default=None, metavar="G", help="default: one scale per channel")
@@ -525,11 +557,23 @@ def main(argv: list[str] | None = None) -> int:
     if args.finetune_from is None:
         history = train(args.run_dir, cfg, kill_at=args.kill_at, log=log)
     else:
-        history = finetune(args.run_dir, args.finetune_from, cfg, bits=args.bits, mode=args.mode,
-                           group_size=args.group_size, symmetric=not args.asymmetric, kill_at=args.kill_at, log=log)
+        history = finetune(
+            args.run_dir,
+            args.finetune_from,
+            cfg,
+            bits=args.bits,
+            mode=args.mode,
+            group_size=args.group_size,
+            symmetric=not args.asymmetric,
+            kill_at=args.kill_at,
+            log=log,
+        )
     last_step, last_loss = history[-1] if history else (None, None)
-    print(json.dumps({"run_dir": str(args.run_dir), "steps_run": len(history),
-                      "last_step": last_step, "last_loss": last_loss}))
+    print(
+        json.dumps(
+            {"run_dir": str(args.run_dir), "steps_run": len(history), "last_step": last_step, "last_loss": last_loss}
+        )
+    )
     return 0
 
 

@@ -13,11 +13,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import _layout, _save
-from ._checkpoint import Checkpoint
-from ._errors import CheckpointInputError, CheckpointNotFoundError, CheckpointWriteError
-from ._load import load_checkpoint
-from ._state import Stateful
+from portable_ckpt import save as _save
+from portable_ckpt.errors import CheckpointInputError, CheckpointNotFoundError, CheckpointWriteError
+from portable_ckpt.load import load_checkpoint
+from portable_ckpt.state import Stateful
+from portable_ckpt.storage import local as _layout
+from portable_ckpt.types import Checkpoint
 
 
 class SaveHandle:

@@ -24,10 +24,10 @@ from typing import Any, TextIO
 
 import torch
 
-from . import _trainer
-from ._inspect import inspect_checkpoint
-from ._load import load_checkpoint
-from .cli import cmd_inspect, cmd_validate, human_size
+from portable_ckpt.cli import cmd_inspect, cmd_validate, human_size
+from portable_ckpt.demo import trainer as _trainer
+from portable_ckpt.inspect import inspect_checkpoint
+from portable_ckpt.load import load_checkpoint
 
 FLOAT_STEPS = 60
 THREADS = 1  # every training process uses the same count: it decides how float reductions are split
@@ -80,7 +80,7 @@ class Demo:
 
     def train(self, run_dir: Path, label: str, args: list[str], *, last_step: int, kill_at: int | None = None) -> int:
         """Run the trainer in a child process, showing every ``PROGRESS_EVERY``-th step; its exit status."""
-        cmd = [sys.executable, "-m", "portable_ckpt._trainer", str(run_dir), "--threads", str(THREADS), *args]
+        cmd = [sys.executable, "-m", "portable_ckpt.demo.trainer", str(run_dir), "--threads", str(THREADS), *args]
         if kill_at is not None:
             cmd += ["--kill-at", str(kill_at)]
         started = time.monotonic()
@@ -92,8 +92,10 @@ class Demo:
                 if step is None or step % PROGRESS_EVERY == 0 or step in (last_step, kill_at):
                     self.say(f"  [{label}] {line.rstrip()}")
         status = child.returncode
-        self.say(f"  [{label}] {'finished' if status == 0 else f'exit status {status}'} "
-                 f"after {time.monotonic() - started:.1f} s")
+        self.say(
+            f"  [{label}] {'finished' if status == 0 else f'exit status {status}'} "
+            f"after {time.monotonic() - started:.1f} s"
+        )
         return status
 
     def resume_chapter(self, name: str, args: list[str], steps: int) -> tuple[bool, Path | None]:
@@ -101,8 +103,10 @@ class Demo:
         save_every, kill_at = plan(steps)
         args = [*args, "--steps", str(steps), "--save-every", str(save_every)]
         straight, broken = self.run / name / "uninterrupted", self.run / name / "interrupted"
-        self.say(f"{steps} steps, a checkpoint every {save_every} steps and at the last; "
-                 f"{THREADS} thread per training process")
+        self.say(
+            f"{steps} steps, a checkpoint every {save_every} steps and at the last; "
+            f"{THREADS} thread per training process"
+        )
         self.say(f"uninterrupted run -> {straight}")
         if self.train(straight, "uninterrupted", args, last_step=steps - 1) != 0:
             self.say("FAILED: the uninterrupted run did not finish")
@@ -139,28 +143,37 @@ class Demo:
         for step in shown:
             mine = logged.get(step, [])
             value = repr(mine[-1]) if mine else "missing"
-            self.say(f"  {step:5d}  {expected.get(step, float('nan'))!r:>20}  {value:>20}  {markers.get(step, '')}"
-                     .rstrip())
+            self.say(
+                f"  {step:5d}  {expected.get(step, float('nan'))!r:>20}  {value:>20}  {markers.get(step, '')}".rstrip()
+            )
         replayed = f"step {kill_at}" if kill_at == resume_from + 1 else f"steps {resume_from + 1}-{kill_at}"
-        self.say(f"  (every {PROGRESS_EVERY}th step and the kill and resume points shown; all {steps} are compared, "
-                 f"{replayed} both times: both processes of the interrupted run ran it)")
+        self.say(
+            f"  (every {PROGRESS_EVERY}th step and the kill and resume points shown; all {steps} are compared, "
+            f"{replayed} both times: both processes of the interrupted run ran it)"
+        )
 
         problem = None
         for step in range(steps):
             values = logged.get(step, [])
             if step not in expected or not values or any(v != expected[step] for v in values):
-                problem = (f"first difference at step {step}: uninterrupted {expected.get(step)!r}, "
-                           f"interrupted+resumed {values or 'missing'}")
+                problem = (
+                    f"first difference at step {step}: uninterrupted {expected.get(step)!r}, "
+                    f"interrupted+resumed {values or 'missing'}"
+                )
                 break
         if problem is None:
             a = load_checkpoint(straight / "checkpoints", restore_rng=False)
             b = load_checkpoint(broken / "checkpoints", restore_rng=False)
-            problem = (first_difference(a.model_state, b.model_state, "model")
-                       or first_difference(a.optimizer_state, b.optimizer_state, "optimizer")
-                       or first_difference(a.scheduler_state, b.scheduler_state, "scheduler"))
+            problem = (
+                first_difference(a.model_state, b.model_state, "model")
+                or first_difference(a.optimizer_state, b.optimizer_state, "optimizer")
+                or first_difference(a.scheduler_state, b.scheduler_state, "scheduler")
+            )
             if problem is None:
-                self.say(f"IDENTICAL: all {steps} losses and all final parameters are bit-identical "
-                         "(and the optimizer and scheduler state)")
+                self.say(
+                    f"IDENTICAL: all {steps} losses and all final parameters are bit-identical "
+                    "(and the optimizer and scheduler state)"
+                )
                 return True
         self.say(f"DIFFERENT: {problem}")
         return False
@@ -227,14 +240,18 @@ def quantized_chapter(demo: Demo, scheme_name: str, float_root: Path, steps: int
     granularity = f"groups of {scheme['group_size']}" if scheme["group_size"] else "one scale per channel"
     base = newest(float_root)  # the final float checkpoint
     demo.heading(f"4. Quantize the trained model: {scheme_name}, symmetric, {granularity}")
-    demo.say(f"{', '.join(_trainer.FLOAT_MODULES)} stay in float32: the head is tied to the embedding, and "
-             "quantized copies cannot share one tensor")
+    demo.say(
+        f"{', '.join(_trainer.FLOAT_MODULES)} stay in float32: the head is tied to the embedding, and "
+        "quantized copies cannot share one tensor"
+    )
     ptq = _trainer.export_ptq(base, demo.run / f"ptq-{scheme_name}", **scheme)
     float_loss, ptq_loss = _trainer.eval_loss(base), _trainer.eval_loss(ptq)
     float_size, ptq_size = _model_size(base), _model_size(ptq)
     demo.say(f"  {'':20} {'float32':>12} {scheme_name + ' (ptq)':>12}")
-    demo.say(f"  {'model.safetensors':20} {human_size(float_size):>12} {human_size(ptq_size):>12}  "
-             f"({ptq_size / float_size:.1%} of float32)")
+    demo.say(
+        f"  {'model.safetensors':20} {human_size(float_size):>12} {human_size(ptq_size):>12}  "
+        f"({ptq_size / float_size:.1%} of float32)"
+    )
     demo.say(f"  {'eval loss':20} {float_loss:12.4f} {ptq_loss:12.4f}  ({ptq_loss - float_loss:+.4f})")
     demo.say(f"  ptq checkpoint: {ptq}")
 
@@ -257,11 +274,15 @@ def quantized_chapter(demo: Demo, scheme_name: str, float_root: Path, steps: int
         demo.say(f"CHANGED: {len(moved)} frozen integer tensors moved during fine-tuning, e.g. {moved[0]}")
     else:
         roles = sorted({name.rsplit(".", 1)[1] for name in start})
-        demo.say(f"integer weights frozen: all {len(start)} base tensors ({', '.join(roles)}) are "
-                 "byte-identical to the start of fine-tuning")
+        demo.say(
+            f"integer weights frozen: all {len(start)} base tensors ({', '.join(roles)}) are "
+            "byte-identical to the start of fine-tuning"
+        )
     tuned_loss = _trainer.eval_loss(final)
-    demo.say(f"eval loss: float32 {float_loss:.4f}, {scheme_name} ptq {ptq_loss:.4f}, "
-             f"{scheme_name} + LoRA fine-tuned {tuned_loss:.4f}")
+    demo.say(
+        f"eval loss: float32 {float_loss:.4f}, {scheme_name} ptq {ptq_loss:.4f}, "
+        f"{scheme_name} + LoRA fine-tuned {tuned_loss:.4f}"
+    )
 
     demo.heading("6. Inspect and validate the fine-tuned checkpoint")
     valid = demo.inspect_and_validate(final)
@@ -269,8 +290,11 @@ def quantized_chapter(demo: Demo, scheme_name: str, float_root: Path, steps: int
 
 
 def run_demo(
-    directory: str | os.PathLike[str], *, quantize: str | None = None, out: TextIO = sys.stdout,
-    steps: int | None = None
+    directory: str | os.PathLike[str],
+    *,
+    quantize: str | None = None,
+    out: TextIO = sys.stdout,
+    steps: int | None = None,
 ) -> int:
     """The demonstration; 0 when every comparison is bit-identical and every checkpoint valid, else 1.
 
@@ -284,8 +308,10 @@ def run_demo(
     started = time.monotonic()
     demo = Demo(new_run_dir(Path(directory)), out)
     demo.say(f"portable-ckpt demo: writing into {demo.run}")
-    demo.say(f"python {sys.version.split()[0]}, torch {torch.__version__}; each run below is a separate process; "
-             "bitwise equality needs the same torch build, device and thread count")
+    demo.say(
+        f"python {sys.version.split()[0]}, torch {torch.__version__}; each run below is a separate process; "
+        "bitwise equality needs the same torch build, device and thread count"
+    )
 
     demo.heading("1-2. Train the reference model: uninterrupted vs SIGKILL + resume")
     identical, final = demo.resume_chapter("float", [], steps)
@@ -298,4 +324,3 @@ def run_demo(
     demo.say()
     demo.say(f"{'PASS' if ok else 'FAIL'}: finished in {time.monotonic() - started:.1f} s; everything is in {demo.run}")
     return 0 if ok else 1
-

@@ -15,10 +15,12 @@ from typing import Any
 
 import torch
 
-from . import _jsonio, _manifest, _schemas
-from ._checkpoint import Checkpoint
-from ._errors import CheckpointCorruptedError
-from ._state import load_pt
+from portable_ckpt.errors import CheckpointCorruptedError
+from portable_ckpt.format import jsonio as _jsonio
+from portable_ckpt.format import manifest as _manifest
+from portable_ckpt.format import schemas as _schemas
+from portable_ckpt.state import load_pt
+from portable_ckpt.types import Checkpoint
 
 MODEL = "model.pt"
 METADATA = "metadata.json"
@@ -80,7 +82,7 @@ def read(directory: Path, *, map_location: Any = "cpu") -> Checkpoint:
 
 def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
     """Rewrite the format-0 checkpoint ``src`` as format 1 under the root ``dst``; returns the new path."""
-    from . import _save  # late: _save imports the loader's siblings
+    from portable_ckpt import save as _save  # late: save imports the loader's siblings
 
     ckpt = read(Path(src))
     snap = _save.snapshot(ckpt.model_state, None, ckpt.config, ckpt.vocab, ckpt.step)

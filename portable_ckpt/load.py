@@ -15,18 +15,33 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import _jsonio, _layout, _legacy, _manifest, _quant, _rng, _safetensors, _schemas
-from ._checkpoint import Checkpoint
-from ._errors import (
+from portable_ckpt.convert import format0 as _legacy
+from portable_ckpt.errors import (
     CheckpointCorruptedError,
     CheckpointNotFoundError,
     QuantizationMetadataError,
     StateMismatchError,
     UnsupportedFormatVersionError,
 )
-from ._hashing import checksum, new_hasher
-from ._save import CONFIG_FILE, MODEL_FILE, OPTIMIZER_FILE, QUANT_FILE, SCALER_FILE, SCHEDULER_FILE, VOCAB_FILE
-from ._state import Stateful, check_model_match, check_optimizer_match, load_into, load_pt, with_aliases
+from portable_ckpt.format import jsonio as _jsonio
+from portable_ckpt.format import manifest as _manifest
+from portable_ckpt.format import rng as _rng
+from portable_ckpt.format import safetensors as _safetensors
+from portable_ckpt.format import schemas as _schemas
+from portable_ckpt.format.hashing import checksum, new_hasher
+from portable_ckpt.quant import quantize as _quant
+from portable_ckpt.save import (
+    CONFIG_FILE,
+    MODEL_FILE,
+    OPTIMIZER_FILE,
+    QUANT_FILE,
+    SCALER_FILE,
+    SCHEDULER_FILE,
+    VOCAB_FILE,
+)
+from portable_ckpt.state import Stateful, check_model_match, check_optimizer_match, load_into, load_pt, with_aliases
+from portable_ckpt.storage import local as _layout
+from portable_ckpt.types import Checkpoint
 
 _HASH_CHUNK = 8 << 20
 _RESOLVE_ATTEMPTS = 3

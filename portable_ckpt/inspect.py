@@ -6,10 +6,12 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from . import _legacy, _manifest, _safetensors
-from ._errors import CheckpointError
-from ._load import KNOWN_FILES, _Files, _quantization, read_checkpoint, resolve
-from ._save import MODEL_FILE
+from portable_ckpt.convert import format0 as _legacy
+from portable_ckpt.errors import CheckpointError
+from portable_ckpt.format import manifest as _manifest
+from portable_ckpt.format import safetensors as _safetensors
+from portable_ckpt.load import KNOWN_FILES, _Files, _quantization, read_checkpoint, resolve
+from portable_ckpt.save import MODEL_FILE
 
 
 @dataclass(frozen=True, slots=True)

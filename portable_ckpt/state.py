@@ -18,8 +18,13 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from ._errors import CheckpointCorruptedError, CheckpointInputError, CheckpointNotFoundError, StateMismatchError
-from ._hashing import new_hasher
+from portable_ckpt.errors import (
+    CheckpointCorruptedError,
+    CheckpointInputError,
+    CheckpointNotFoundError,
+    StateMismatchError,
+)
+from portable_ckpt.format.hashing import new_hasher
 
 _SERIALIZATION_CONFIG: Any
 try:
