@@ -25,6 +25,7 @@ from portable_ckpt.errors import (
 )
 from portable_ckpt.format import jsonio as _jsonio
 from portable_ckpt.format import manifest as _manifest
+from portable_ckpt.format import pt as _pt
 from portable_ckpt.format import rng as _rng
 from portable_ckpt.format import safetensors as _safetensors
 from portable_ckpt.format import schemas as _schemas
@@ -39,7 +40,7 @@ from portable_ckpt.save import (
     SCHEDULER_FILE,
     VOCAB_FILE,
 )
-from portable_ckpt.state import Stateful, check_model_match, check_optimizer_match, load_into, load_pt, with_aliases
+from portable_ckpt.state import Stateful, check_model_match, check_optimizer_match, load_into, with_aliases
 from portable_ckpt.storage import local as _layout
 from portable_ckpt.types import Checkpoint
 
@@ -189,9 +190,9 @@ class _Files:
                 self.check_digest(name, h.hexdigest())
             proc = f"/proc/self/fd/{f.fileno()}"
             if os.path.exists(proc):
-                return load_pt(proc, self.label(name), map_location)
+                return _pt.load(proc, self.label(name), map_location)
             f.seek(0)
-            return load_pt(f, self.label(name), map_location, mmap=False)  # type: ignore[arg-type]
+            return _pt.load(f, self.label(name), map_location, mmap=False)
 
 
 def _check_tensor_table(files: _Files, header: _safetensors.Header) -> None:

@@ -17,12 +17,13 @@ from portable_ckpt import threads as _threads
 from portable_ckpt.errors import CheckpointError, CheckpointExistsError, CheckpointInputError
 from portable_ckpt.format import jsonio as _jsonio
 from portable_ckpt.format import manifest as _manifest
+from portable_ckpt.format import pt as _pt
 from portable_ckpt.format import rng as _rng
 from portable_ckpt.format import safetensors as _safetensors
 from portable_ckpt.format import schemas as _schemas
 from portable_ckpt.format.hashing import checksum
 from portable_ckpt.quant import quantize as _quant
-from portable_ckpt.state import Stateful, model_state, save_pt
+from portable_ckpt.state import Stateful, model_state
 from portable_ckpt.storage import local as _layout
 
 MODEL_FILE = "model.safetensors"
@@ -160,7 +161,11 @@ def _write_contents(tmp: Path, snap: Snapshot) -> dict[str, dict[str, Any]]:
             (SCALER_FILE, snap.scaler),
         ):
             if state is not None:
-                written(name, *save_pt(tmp / name, state))
+                f = _layout.create(tmp / name)
+                try:
+                    written(name, *_pt.save(f, state))  # type: ignore[arg-type]
+                finally:
+                    f.close()
         docs: dict[str, Any] = {CONFIG_FILE: snap.config, VOCAB_FILE: snap.vocab}
         if snap.rng_doc is not None:
             result = _safetensors.write_file(tmp / _rng.TENSOR_FILE, snap.rng_tensors)

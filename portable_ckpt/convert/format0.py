@@ -18,8 +18,8 @@ import torch
 from portable_ckpt.errors import CheckpointCorruptedError
 from portable_ckpt.format import jsonio as _jsonio
 from portable_ckpt.format import manifest as _manifest
+from portable_ckpt.format import pt as _pt
 from portable_ckpt.format import schemas as _schemas
-from portable_ckpt.state import load_pt
 from portable_ckpt.types import Checkpoint
 
 MODEL = "model.pt"
@@ -51,14 +51,14 @@ def read(directory: Path, *, map_location: Any = "cpu") -> Checkpoint:
             raise CheckpointCorruptedError(
                 f"{directory}/{name}: not a regular file (symlinks, pipes and devices are refused)"
             )
-    state = load_pt(directory / MODEL, f"{directory}/{MODEL}", map_location, mmap=False)
+    state = _pt.load(directory / MODEL, f"{directory}/{MODEL}", map_location, mmap=False)
     if not isinstance(state, dict) or not all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
     ):
         raise CheckpointCorruptedError(f"{directory}/{MODEL}: expected a state_dict mapping names to tensors")
     optimizer = None
     if (directory / "optimizer.pt").exists():
-        optimizer = load_pt(directory / "optimizer.pt", f"{directory}/optimizer.pt", map_location, mmap=False)
+        optimizer = _pt.load(directory / "optimizer.pt", f"{directory}/optimizer.pt", map_location, mmap=False)
         if not isinstance(optimizer, dict):
             raise CheckpointCorruptedError(f"{directory}/optimizer.pt: expected an optimizer state_dict (a dict)")
     config = _json(directory, "config.json", None) if (directory / "config.json").exists() else {}

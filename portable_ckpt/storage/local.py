@@ -65,6 +65,24 @@ def write_file(path: Path, data: bytes, *, sync: bool = True) -> None:
         os.close(fd)
 
 
+class FdWriter:
+    """A writable binary stream on a raw descriptor: every write is one ``os.write`` (no buffering, no copy)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def write(self, data: bytes | memoryview) -> int:
+        return os.write(self.fd, data)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def create(path: Path) -> FdWriter:
+    """A new file (never replacing one) for writing."""
+    return FdWriter(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+
+
 def open_regular(path: Path, what: str, missing: str | None = None, *, dir_fd: int | None = None) -> io.BufferedReader:
     """Open a checkpoint file for reading; symlinks, directories, pipes and devices are refused.
 
