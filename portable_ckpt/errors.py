@@ -2,9 +2,21 @@
 
 from __future__ import annotations
 
+import os
+
 
 class CheckpointError(Exception):
-    """Root of every error this library raises on purpose."""
+    """Root of every error this library raises on purpose.
+
+    ``file`` names the checkpoint file or directory the error is about (a path or URL), or is None
+    when the error concerns an argument; programs read it instead of parsing the message.
+    """
+
+    file: str | None
+
+    def __init__(self, *args: object, file: str | os.PathLike[str] | None = None) -> None:
+        super().__init__(*args)
+        self.file = None if file is None else os.fspath(file)
 
 
 class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
@@ -37,3 +49,7 @@ class StateMismatchError(CheckpointError, ValueError):
 
 class CheckpointWriteError(CheckpointError, OSError):
     """Writing a checkpoint failed (disk full, permission, I/O); nothing was committed."""
+
+
+class CheckpointUnsafeError(CheckpointCorruptedError):
+    """A .pt file asks for a global or pickle opcode outside the format's allowlist: refused for safety."""

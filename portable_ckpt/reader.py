@@ -12,20 +12,19 @@ tensors are returned as stored: a quantized checkpoint yields its packed tensors
 from __future__ import annotations
 
 import difflib
-import io
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from portable_ckpt.convert import format0 as _legacy
 from portable_ckpt.errors import CheckpointCorruptedError, CheckpointInputError
-from portable_ckpt.format import manifest as _manifest
+from portable_ckpt.files import CheckpointFiles, check_aliases, check_tensor_table
+from portable_ckpt.format import names
 from portable_ckpt.format import safetensors as _safetensors
 from portable_ckpt.format.hashing import checksum
-from portable_ckpt.load import _check_aliases, _check_tensor_table, _Files, resolve
-from portable_ckpt.save import MODEL_FILE
+from portable_ckpt.root import display, is_legacy, resolve
+from portable_ckpt.storage import ReadFile
 
 _CHUNK = 1 << 30  # a single read moves at most ~2 GiB on Linux
 
@@ -39,17 +38,17 @@ class CheckpointReader:
 
     def __init__(
         self,
-        path: Path,
+        path: Path | str,
         manifest: dict[str, Any],
         header: _safetensors.Header,
-        file: io.BufferedReader,
+        file: ReadFile,
     ) -> None:
         self.path = path
         self.manifest = manifest
-        self._label = f"{path}/{MODEL_FILE}"
-        self._file: io.BufferedReader | None = file  # kept open: every tensor() is a positional read on its descriptor
+        self._label = f"{path}/{names.MODEL}"
+        self._file: ReadFile | None = file  # kept open: every tensor() is a positional read on it
         self._entries = {e.name: e for e in header.entries}
-        self._checksums: dict[str, str] | None = manifest["files"][MODEL_FILE].get("tensors")
+        self._checksums: dict[str, str] | None = manifest["files"][names.MODEL].get("tensors")
         self._aliases: dict[str, str] = dict(manifest.get("aliases") or {})  # checked by open_checkpoint
 
     @property
@@ -67,7 +66,8 @@ class CheckpointReader:
             close = difflib.get_close_matches(name, names, n=3, cutoff=0.6)
             hint = f"close names: {', '.join(repr(n) for n in close)}" if close else "no name is close"
             raise CheckpointInputError(
-                f"{self._label}: no tensor named {name!r}; {hint}; the checkpoint has {len(names)} names (see .keys())"
+                f"{self._label}: no tensor named {name!r}; {hint}; the checkpoint has {len(names)} names (see .keys())",
+                file=self._label,
             )
         return entry
 
@@ -85,25 +85,27 @@ class CheckpointReader:
         if self._file is None:
             raise CheckpointInputError(
                 f"{self._label}: this reader is closed; read tensors inside the `with open_checkpoint(...)` "
-                "block, or open the checkpoint again"
+                "block, or open the checkpoint again",
+                file=self._label,
             )
         expected = None
         if verify:
             if self._checksums is None:
                 raise CheckpointInputError(
                     f"{self._label}: the manifest holds no per-tensor checksums for this file, so one tensor "
-                    "cannot be verified alone; pass verify=False, or verify the whole file with load_checkpoint"
+                    "cannot be verified alone; pass verify=False, or verify the whole file with load_checkpoint",
+                    file=self._label,
                 )
             expected = self._checksums[entry.name]
         out = torch.empty(entry.shape, dtype=_safetensors.DTYPES[entry.dtype])
         view = _safetensors.tensor_bytes(out)
-        fd = self._file.fileno()
         pos = 0
         while pos < len(view):
-            n = os.preadv(fd, [view[pos : pos + _CHUNK]], entry.start + pos)
+            n = self._file.pread_into(view[pos : pos + _CHUNK], entry.start + pos)
             if not n:
                 raise CheckpointCorruptedError(
-                    f'{self._label}: file ends inside tensor "{entry.name}" (byte {entry.start + pos})'
+                    f'{self._label}: file ends inside tensor "{entry.name}" (byte {entry.start + pos})',
+                    file=self._label,
                 )
             pos += n
         if expected is not None:
@@ -111,7 +113,8 @@ class CheckpointReader:
             if found != expected:
                 raise CheckpointCorruptedError(
                     f'{self._label}: tensor "{entry.name}" (bytes {entry.start}..{entry.end}) is damaged: '
-                    f"the manifest says checksum {expected}, its bytes hash to {found}"
+                    f"the manifest says checksum {expected}, its bytes hash to {found}",
+                    file=self._label,
                 )
         return out
 
@@ -142,20 +145,20 @@ def open_checkpoint(path: str | os.PathLike[str]) -> CheckpointReader:
     (('F32', (4, 4)), torch.Size([4, 4]))
     """
     directory = resolve(path)
-    manifest_path = directory / _manifest.MANIFEST
-    if not manifest_path.exists() and _legacy.is_legacy(directory):
+    if directory.kind(names.MANIFEST) is None and is_legacy(directory):
         raise CheckpointInputError(
-            f"{directory}: a format-0 checkpoint (model.pt) has no per-tensor layout to read lazily; "
-            "load it with load_checkpoint, or convert it with portable_ckpt.convert"
+            f"{directory.location}: a format-0 checkpoint (model.pt) has no per-tensor layout to read lazily; "
+            "load it with load_checkpoint, or convert it with portable_ckpt.convert_format0",
+            file=directory.location,
         )
-    with _Files(directory, verify=True) as files:
+    with CheckpointFiles(directory, verify=True) as files:
         manifest = files.manifest
-        f = files.open(MODEL_FILE)  # checks kind and size; stays open after the directory is released
+        f = files.open(names.MODEL)  # checks kind and size; stays open after the directory is released
     try:
-        header, _ = _safetensors.read_header(f, manifest["files"][MODEL_FILE]["size"], files.label(MODEL_FILE))
-        _check_tensor_table(files, header)
-        _check_aliases(files, header, manifest.get("aliases") or {})
-        return CheckpointReader(directory, manifest, header, f)
+        header, _ = files.read_header(f, names.MODEL)
+        check_tensor_table(files, header)
+        check_aliases(set(header.names()), manifest.get("aliases") or {}, files.label(names.MODEL))
+        return CheckpointReader(display(directory), manifest, header, f)
     except BaseException:
         f.close()
         raise

@@ -1,10 +1,10 @@
-"""save_checkpoint: snapshot the training state, write it to a temporary directory, commit."""
+"""save_checkpoint: snapshot the training state, write it through the storage seam, commit."""
 
 from __future__ import annotations
 
+import functools
 import os
-import shutil
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,25 +14,21 @@ import torch
 from torch import nn
 
 from portable_ckpt import threads as _threads
-from portable_ckpt.errors import CheckpointError, CheckpointExistsError, CheckpointInputError
+from portable_ckpt.errors import CheckpointError, CheckpointInputError
 from portable_ckpt.format import jsonio as _jsonio
 from portable_ckpt.format import manifest as _manifest
+from portable_ckpt.format import names
 from portable_ckpt.format import pt as _pt
 from portable_ckpt.format import rng as _rng
 from portable_ckpt.format import safetensors as _safetensors
 from portable_ckpt.format import schemas as _schemas
+from portable_ckpt.format import states as _states
 from portable_ckpt.format.hashing import checksum
 from portable_ckpt.quant import quantize as _quant
+from portable_ckpt.root import display
 from portable_ckpt.state import Stateful, model_state
-from portable_ckpt.storage import local as _layout
-
-MODEL_FILE = "model.safetensors"
-OPTIMIZER_FILE = "optimizer.pt"
-SCHEDULER_FILE = "scheduler.pt"
-SCALER_FILE = "scaler.pt"
-CONFIG_FILE = "config.json"
-VOCAB_FILE = "vocab.json"
-QUANT_FILE = "quantization_metadata.json"
+from portable_ckpt.storage import Staging, Storage, WriteFile, storage_for
+from portable_ckpt.storage.base import write_error
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,23 +48,54 @@ class Snapshot:
     rng_tensors: dict[str, torch.Tensor]
     rng_doc: dict[str, Any] | None
     rng_sources: list[str]
+    states_doc: dict[str, Any] | None = None
+    states_tensors: dict[str, torch.Tensor] | None = None
 
 
 def _json_object(value: Any, name: str) -> dict[str, Any]:
     doc = _jsonio.to_json_value(value, name)
     if not isinstance(doc, dict):
         raise CheckpointInputError(f"{name} must be a dict or a dataclass instance, not {type(value).__name__}")
+    _within_limit(doc, name)
     return doc
+
+
+def _within_limit(doc: Any, name: str) -> None:
+    """The reader refuses JSON documents over its limit: so does the writer, at the call."""
+    size = len(_jsonio.dumps(doc))
+    if size > _jsonio.MAX_JSON_BYTES:
+        raise CheckpointInputError(
+            f"{name} is {size:,} bytes as JSON, over the format's limit of {_jsonio.MAX_JSON_BYTES:,} bytes for one "
+            "JSON document; store large data as tensors (model state) or outside the checkpoint"
+        )
+
+
+def as_step(step: Any) -> int:
+    """The step as a plain int: an int, a NumPy integer or a 0-d integer tensor; never a float or a bool."""
+    value = step
+    if isinstance(step, torch.Tensor) and step.dim() == 0 and not step.is_floating_point() and not step.is_complex():
+        value = step.item()
+    elif type(step).__module__ == "numpy" and hasattr(step, "dtype") and step.dtype.kind in "iu" and step.ndim == 0:
+        value = int(step)
+    if type(value) is not int or value < 0:
+        raise CheckpointInputError(
+            f"step must be an integer >= 0 (int, NumPy integer or 0-d integer tensor), found {step!r}; "
+            "pass the number of optimizer steps taken"
+        )
+    return value
 
 
 def _vocab(vocab: Any) -> list[str] | dict[str, int] | None:
     if vocab is None:
         return None
+    if callable(getattr(vocab, "get_vocab", None)):  # a tokenizer (Hugging Face and others): its token -> id map
+        vocab = vocab.get_vocab()
     doc = _jsonio.to_json_value(vocab, "vocab")
     try:
         _schemas.validate(doc, "vocab", "vocab")
     except CheckpointError as e:
         raise CheckpointInputError(f"{e}; vocab must be a list[str] or a dict[str, int] of ids >= 0") from None
+    _within_limit(doc, "vocab")
     return doc
 
 
@@ -103,34 +130,45 @@ def snapshot(
     scheduler: Stateful | None = None,
     scaler: Stateful | None = None,
     extra: Any = None,
+    states: Mapping[str, Any] | None = None,
     pool: dict[str, torch.Tensor] | None = None,
 ) -> Snapshot:
     """Capture the state. Given a buffer ``pool``, every tensor is copied into it, so training may go on
     while the snapshot is written; without one, the snapshot refers to the live tensors."""
-    if type(step) is not int or step < 0:
-        raise CheckpointInputError(f"step must be an int >= 0, found {step!r}")
+    step = as_step(step)
     tensors, aliases = model_state(model)
     for name, t in tensors.items():
         _safetensors.dtype_name(t, name)  # an unsupported dtype fails at the call, not in a background write
     quant = _quant.quantization_metadata(model) if isinstance(model, nn.Module) else None
     rng_tensors, rng_doc, rng_sources = _rng.capture()
-    states = [
+    states_doc, states_tensors = _states.encode(states) if states else (None, None)
+    if states_doc is not None:
+        try:
+            _schemas.validate(states_doc, "states", "states")
+        except CheckpointError as e:
+            raise CheckpointInputError(f"{e}; see the states encoding in format_spec/README.md") from None
+        _within_limit(states_doc, "states")
+        for name, t in (states_tensors or {}).items():
+            _safetensors.dtype_name(t, name)
+    pt_states = [
         optimizer.state_dict() if optimizer is not None else None,
         scheduler.state_dict() if scheduler is not None else None,
         scaler.state_dict() if scaler is not None else None,
     ]
     if pool is not None:
         tensors = {k: _host_copy(v, pool, f"model/{k}") for k, v in tensors.items()}
-        states = [_host_copy(s, pool, f"state{i}") for i, s in enumerate(states)]
+        pt_states = [_host_copy(s, pool, f"state{i}") for i, s in enumerate(pt_states)]
+        if states_tensors:
+            states_tensors = _host_copy(states_tensors, pool, "states")
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             torch.cuda.synchronize()  # the pinned copies above are asynchronous
     return Snapshot(
         step=step,
         tensors=tensors,
         aliases=aliases,
-        optimizer=states[0],
-        scheduler=states[1],
-        scaler=states[2],
+        optimizer=pt_states[0],
+        scheduler=pt_states[1],
+        scaler=pt_states[2],
         config=_json_object(config, "config"),
         vocab=_vocab(vocab),
         extra=None if extra is None else _json_object(extra, "extra"),
@@ -138,64 +176,84 @@ def snapshot(
         rng_tensors=rng_tensors,
         rng_doc=rng_doc,
         rng_sources=rng_sources,
+        states_doc=states_doc,
+        states_tensors=states_tensors,
     )
 
 
-def _write_contents(tmp: Path, snap: Snapshot) -> dict[str, dict[str, Any]]:
-    """Write every file but the manifest. Each file is fsync'd on a helper thread as soon as it is
+def _write_contents(staging: Staging, snap: Snapshot) -> dict[str, dict[str, Any]]:
+    """Write every file but the manifest. Each file is synced on a helper thread as soon as it is
     written, so its writeback overlaps the serialization of the next; all syncs end before return."""
     files: dict[str, dict[str, Any]] = {}
     with ThreadPoolExecutor(max_workers=4, thread_name_prefix="portable-ckpt-fsync") as syncer:
         syncs = []
 
-        def written(name: str, size: int, digest: str) -> None:
+        def put(name: str, encode: Callable[[Any], tuple[int, str]]) -> None:
+            f = staging.create(name)
+            try:
+                size, digest = encode(f)
+            finally:
+                f.close()
             files[name] = {"size": size, "checksum": digest}
-            syncs.append(_threads.submit(syncer, _layout.fsync_path, tmp / name))
+            syncs.append(_threads.submit(syncer, staging.sync, name))
 
-        result = _safetensors.write_file(tmp / MODEL_FILE, snap.tensors)
-        written(MODEL_FILE, result.size, result.checksum)
-        files[MODEL_FILE]["tensors"] = result.tensor_checksums
-        for name, state in (
-            (OPTIMIZER_FILE, snap.optimizer),
-            (SCHEDULER_FILE, snap.scheduler),
-            (SCALER_FILE, snap.scaler),
-        ):
+        tensor_checksums: dict[str, str] = {}
+
+        def model(f: Any) -> tuple[int, str]:
+            result = _safetensors.write(f, snap.tensors)
+            tensor_checksums.update(result.tensor_checksums)
+            return result.size, result.checksum
+
+        put(names.MODEL, model)
+        files[names.MODEL]["tensors"] = tensor_checksums
+        for name, state in zip(names.PT_FILES, (snap.optimizer, snap.scheduler, snap.scaler), strict=True):
             if state is not None:
-                f = _layout.create(tmp / name)
-                try:
-                    written(name, *_pt.save(f, state))  # type: ignore[arg-type]
-                finally:
-                    f.close()
-        docs: dict[str, Any] = {CONFIG_FILE: snap.config, VOCAB_FILE: snap.vocab}
+                put(name, functools.partial(_pt_file, state=state))
+        docs: dict[str, Any] = {names.CONFIG: snap.config, names.VOCAB: snap.vocab}
         if snap.rng_doc is not None:
-            result = _safetensors.write_file(tmp / _rng.TENSOR_FILE, snap.rng_tensors)
-            written(_rng.TENSOR_FILE, result.size, result.checksum)
-            docs[_rng.JSON_FILE] = snap.rng_doc
+            put(names.RNG_TENSORS, lambda f: _sizes(_safetensors.write(f, snap.rng_tensors)))
+            docs[names.RNG_JSON] = snap.rng_doc
+        if snap.states_doc is not None:
+            put(names.STATES_TENSORS, lambda f: _sizes(_safetensors.write(f, snap.states_tensors or {})))
+            docs[names.STATES_JSON] = snap.states_doc
         if snap.quantization is not None:
-            _schemas.validate(snap.quantization, "quantization_metadata", QUANT_FILE)
-            docs[QUANT_FILE] = snap.quantization
+            _schemas.validate(snap.quantization, "quantization_metadata", names.QUANTIZATION)
+            docs[names.QUANTIZATION] = snap.quantization
         for name, doc in docs.items():
             if doc is not None:
-                data = _jsonio.dumps(doc)
-                _layout.write_file(tmp / name, data, sync=False)
-                written(name, len(data), checksum(data))
+                put(name, functools.partial(_json_file, data=_jsonio.dumps(doc)))
         for done in syncs:
-            done.result()  # re-raises a failed fsync
+            done.result()  # re-raises a failed sync
     return files
 
 
-def write(snap: Snapshot, directory: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
-    """Write a snapshot as ``<directory>/step-NNNNNNNN`` through a temporary directory and an atomic rename."""
-    root = Path(directory)
-    final = root / _layout.step_name(snap.step)
-    if final.exists() and not overwrite:
-        raise CheckpointExistsError(
-            f"{final}: a checkpoint for step {snap.step} already exists; pass overwrite=True to replace it"
-        )
-    tmp: Path | None = None
+def _sizes(result: _safetensors.WriteResult) -> tuple[int, str]:
+    return result.size, result.checksum
+
+
+def _pt_file(f: WriteFile, *, state: Any) -> tuple[int, str]:
+    return _pt.save(f, state)  # type: ignore[arg-type]
+
+
+def _json_file(f: WriteFile, *, data: bytes) -> tuple[int, str]:
+    return _write_all(f, data), checksum(data)
+
+
+def _write_all(f: WriteFile, data: bytes) -> int:
+    view = memoryview(data)
+    while view:
+        view = view[f.write(view) :]
+    return len(data)
+
+
+def write(snap: Snapshot, directory: str | os.PathLike[str] | Storage, *, overwrite: bool = False) -> Path | str:
+    """Write a snapshot as ``<directory>/step-NNNNNNNN`` and commit it by the storage's strategy
+    (a temporary directory renamed into place, or the manifest written last)."""
+    root = storage_for(directory)
+    staging: Staging | None = None
     try:
-        tmp = _layout.new_temp_dir(root, snap.step)
-        files = _write_contents(tmp, snap)
+        staging = root.stage(names.step_name(snap.step), overwrite=overwrite)
+        files = _write_contents(staging, snap)
         summary = _quant.manifest_summary(snap.quantization) if snap.quantization is not None else None
         doc = _manifest.build(
             step=snap.step,
@@ -205,17 +263,22 @@ def write(snap: Snapshot, directory: str | os.PathLike[str], *, overwrite: bool 
             quantization=summary,
             extra=snap.extra,
         )
-        _layout.write_file(tmp / _manifest.MANIFEST, _manifest.encode(doc))
-        final = _layout.commit(tmp, root, snap.step, overwrite=overwrite)
-        tmp = None
-        return final
+        f = staging.create(names.MANIFEST)
+        try:
+            _write_all(f, _manifest.encode(doc))
+        finally:
+            f.close()
+        staging.sync(names.MANIFEST)
+        location = staging.commit()
+        staging = None
+        return display(storage_for(location))
     except CheckpointError:
         raise
     except OSError as e:
-        raise _layout.as_write_error(e, f"saving step {snap.step} into {root}") from e
+        raise write_error(e, f"saving step {snap.step} into {root.location}") from e
     finally:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
+        if staging is not None:
+            staging.abort()
 
 
 def save_checkpoint(
@@ -230,15 +293,22 @@ def save_checkpoint(
     extra: Any = None,
     scheduler: Stateful | None = None,
     scaler: Stateful | None = None,
-) -> Path:
+    states: Mapping[str, Any] | None = None,
+) -> Path | str:
     """Save one checkpoint as ``<directory>/step-<step:08d>/`` and return that path.
 
     Every file is written and fsync'd in a temporary sibling directory, the manifest last; the
     directory is then renamed into place and ``latest`` replaced. Nothing is written when an
     argument is invalid (a NaN in ``config``, a negative step).
 
+    ``states`` maps names to objects whose ``state_dict()`` is saved too (a ``StatefulDataLoader``, a
+    sampler, an EMA, a callback) and to ``torch.Generator`` objects (their state): pickle-free, in
+    ``states.json`` and ``states.safetensors``; ``load_checkpoint(..., states=...)`` restores them.
+
     >>> save_checkpoint(model, optimizer, {"lr": 3e-4}, ["a", "b"], 100)  # doctest: +SKIP
     PosixPath('checkpoints/step-00000100')
     """
-    snap = snapshot(model, optimizer, config, vocab, step, scheduler=scheduler, scaler=scaler, extra=extra)
+    snap = snapshot(
+        model, optimizer, config, vocab, step, scheduler=scheduler, scaler=scaler, extra=extra, states=states
+    )
     return write(snap, directory, overwrite=overwrite)

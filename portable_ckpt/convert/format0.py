@@ -7,67 +7,94 @@ A format-0 checkpoint is a directory with ``model.pt`` (torch.save of the model 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import os
-import stat
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from portable_ckpt import save as _save
 from portable_ckpt.errors import CheckpointCorruptedError
 from portable_ckpt.format import jsonio as _jsonio
 from portable_ckpt.format import manifest as _manifest
 from portable_ckpt.format import pt as _pt
 from portable_ckpt.format import schemas as _schemas
+from portable_ckpt.root import display
+from portable_ckpt.storage import CheckpointDir, LocalStorage, Storage, storage_for
 from portable_ckpt.types import Checkpoint
 
 MODEL = "model.pt"
 METADATA = "metadata.json"
-FILES = (MODEL, "optimizer.pt", "config.json", "vocab.json", METADATA)
+OPTIMIZER = "optimizer.pt"
+CONFIG = "config.json"
+VOCAB = "vocab.json"
+FILES = (MODEL, OPTIMIZER, CONFIG, VOCAB, METADATA)
 
 
-def is_legacy(directory: Path) -> bool:
-    return (directory / MODEL).is_file() and (directory / METADATA).is_file()
-
-
-def _json(directory: Path, name: str, kind: str | None) -> Any:
-    label = f"{directory}/{name}"
-    doc = _jsonio.loads(_manifest.read_regular(directory / name, name, _jsonio.MAX_JSON_BYTES), label)
+def _json(d: CheckpointDir, name: str, kind: str | None) -> Any:
+    label = f"{d.location}/{name}"
+    with contextlib.closing(d.open(name)) as f:
+        if f.size > _jsonio.MAX_JSON_BYTES:
+            raise CheckpointCorruptedError(
+                f"{label}: {f.size} bytes, over the limit of {_jsonio.MAX_JSON_BYTES}", file=label
+            )
+        doc = _jsonio.loads(f.read(), label)
     if kind is not None:
         _schemas.validate(doc, kind, label)
     return doc
 
 
-def read(directory: Path, *, map_location: Any = "cpu") -> Checkpoint:
+def _pt_state(d: CheckpointDir, name: str, map_location: Any) -> Any:
+    with contextlib.closing(d.open(name)) as f:
+        return _pt.load(io.BytesIO(f.read()), f"{d.location}/{name}", map_location, mmap=False)
+
+
+def read(location: str | os.PathLike[str] | Storage, *, map_location: Any = "cpu") -> Checkpoint:
     """Read a format-0 directory into the same Checkpoint a format-1 load returns."""
-    meta = _json(directory, METADATA, "legacy_metadata")
-    for name in FILES:
-        try:
-            mode = os.lstat(directory / name).st_mode
-        except FileNotFoundError:
-            continue
-        if not stat.S_ISREG(mode):
+    directory = storage_for(location)
+    d = directory.open_dir()
+    try:
+        return _read(directory, d, map_location)
+    finally:
+        d.close()
+
+
+def _read(directory: Storage, d: CheckpointDir, map_location: Any) -> Checkpoint:
+    meta = _json(d, METADATA, "legacy_metadata")
+    present = {name: d.kind(name) for name in FILES if d.kind(name) is not None}
+    for name, kind in present.items():
+        if kind != "file":
             raise CheckpointCorruptedError(
-                f"{directory}/{name}: not a regular file (symlinks, pipes and devices are refused)"
+                f"{d.location}/{name}: not a regular file (symlinks, pipes and devices are refused)",
+                file=f"{d.location}/{name}",
             )
-    state = _pt.load(directory / MODEL, f"{directory}/{MODEL}", map_location, mmap=False)
+    state = _pt_state(d, MODEL, map_location)
     if not isinstance(state, dict) or not all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
     ):
-        raise CheckpointCorruptedError(f"{directory}/{MODEL}: expected a state_dict mapping names to tensors")
+        raise CheckpointCorruptedError(
+            f"{d.location}/{MODEL}: expected a state_dict mapping names to tensors", file=f"{d.location}/{MODEL}"
+        )
     optimizer = None
-    if (directory / "optimizer.pt").exists():
-        optimizer = _pt.load(directory / "optimizer.pt", f"{directory}/optimizer.pt", map_location, mmap=False)
+    if OPTIMIZER in present:
+        optimizer = _pt_state(d, OPTIMIZER, map_location)
         if not isinstance(optimizer, dict):
-            raise CheckpointCorruptedError(f"{directory}/optimizer.pt: expected an optimizer state_dict (a dict)")
-    config = _json(directory, "config.json", None) if (directory / "config.json").exists() else {}
+            raise CheckpointCorruptedError(
+                f"{d.location}/{OPTIMIZER}: expected an optimizer state_dict (a dict)", file=f"{d.location}/{OPTIMIZER}"
+            )
+    config = _json(d, CONFIG, None) if CONFIG in present else {}
     if not isinstance(config, dict):
-        raise CheckpointCorruptedError(f"{directory}/config.json: expected a JSON object")
-    vocab = _json(directory, "vocab.json", "vocab") if (directory / "vocab.json").exists() else None
-    files = {name: {"size": os.path.getsize(directory / name)} for name in FILES if (directory / name).exists()}
+        raise CheckpointCorruptedError(f"{d.location}/{CONFIG}: expected a JSON object", file=f"{d.location}/{CONFIG}")
+    vocab = _json(d, VOCAB, "vocab") if VOCAB in present else None
+    files = {}
+    for name in present:
+        with contextlib.closing(d.open(name)) as f:
+            files[name] = {"size": f.size}
     return Checkpoint(
-        path=directory,
+        path=display(directory),
         format_version=0,
         step=meta["step"],
         config=config,
@@ -80,11 +107,9 @@ def read(directory: Path, *, map_location: Any = "cpu") -> Checkpoint:
     )
 
 
-def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
+def convert_format0(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, overwrite: bool = False) -> Path | str:
     """Rewrite the format-0 checkpoint ``src`` as format 1 under the root ``dst``; returns the new path."""
-    from portable_ckpt import save as _save  # late: save imports the loader's siblings
-
-    ckpt = read(Path(src))
+    ckpt = read(storage_for(src))
     snap = _save.snapshot(ckpt.model_state, None, ckpt.config, ckpt.vocab, ckpt.step)
     snap = dataclasses.replace(
         snap,
@@ -92,6 +117,11 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, overwri
         rng_tensors={},
         rng_doc=None,
         rng_sources=[],
-        extra={"converted_from": {"format_version": 0, "path": str(Path(src).resolve())}},
+        extra={"converted_from": {"format_version": 0, "path": _source_path(src)}},
     )
     return _save.write(snap, dst, overwrite=overwrite)
+
+
+def _source_path(src: str | os.PathLike[str]) -> str:
+    storage = storage_for(src)
+    return str(storage.path.resolve()) if isinstance(storage, LocalStorage) else storage.location

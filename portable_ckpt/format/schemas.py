@@ -19,6 +19,7 @@ SCHEMA_FILES = {
     "rng": "rng.schema.json",
     "quantization_metadata": "quantization_metadata.schema.json",
     "legacy_metadata": "legacy_metadata.schema.json",
+    "states": "states.schema.json",
 }
 
 

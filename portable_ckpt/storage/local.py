@@ -1,14 +1,14 @@
-"""The checkpoints root on disk: step directories, the ``latest`` pointer, temporaries, the commit.
+"""The local file system backend: the ``rename`` commit strategy.
 
 A checkpoint is committed by renaming a fully written and fsync'd temporary directory into place;
 ``latest`` is then replaced atomically. Both happen under an advisory lock on ``<root>/.lock`` so
-that concurrent writers never interleave a commit.
+that concurrent writers never interleave a commit. Readers hold the checkpoint directory open and
+open every file through its descriptor; they never take the lock and never need write access.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import io
 import os
@@ -17,31 +17,15 @@ import shutil
 import stat
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
-from portable_ckpt.errors import (
-    CheckpointCorruptedError,
-    CheckpointError,
-    CheckpointExistsError,
-    CheckpointNotFoundError,
-    CheckpointWriteError,
-)
+from portable_ckpt.errors import CheckpointCorruptedError, CheckpointExistsError, CheckpointNotFoundError
+from portable_ckpt.format import names
+from portable_ckpt.storage.base import CommitStrategy, Kind, point_latest
 
-STEP_DIR = re.compile(r"step-([0-9]{8,})")  # matched whole (fullmatch): "$" would accept a trailing newline
-LATEST = "latest"
-LOCK = ".lock"
-TMP_PREFIX = ".tmp-"  # a save in progress (or crashed)
-TRASH_PREFIX = ".trash-"  # a checkpoint being deleted
-REPLACED_PREFIX = ".replaced-"  # a complete checkpoint moved aside by an overwrite, until the new one is in place
-
-
-def step_name(step: int) -> str:
-    return f"step-{step:08d}"
-
-
-def step_of(name: str) -> int | None:
-    m = STEP_DIR.fullmatch(name)
-    return int(m.group(1)) if m else None
+_CHUNK = 1 << 30  # a single read or write moves at most ~2 GiB on Linux
 
 
 def fsync_path(path: Path) -> None:
@@ -71,16 +55,52 @@ class FdWriter:
     def __init__(self, fd: int) -> None:
         self.fd = fd
 
-    def write(self, data: bytes | memoryview) -> int:
+    def write(self, data: bytes | memoryview, /) -> int:
         return os.write(self.fd, data)
 
     def close(self) -> None:
         os.close(self.fd)
 
 
-def create(path: Path) -> FdWriter:
-    """A new file (never replacing one) for writing."""
-    return FdWriter(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+class LocalFile:
+    """A regular file opened for reading through its checkpoint directory's descriptor."""
+
+    def __init__(self, f: io.BufferedReader) -> None:
+        self._f = f
+        self.size = os.fstat(f.fileno()).st_size
+
+    def read(self, n: int = -1, /) -> bytes:
+        return self._f.read(n)
+
+    def readinto(self, view: memoryview | bytearray, /) -> int:
+        return self._f.readinto(view)
+
+    def seek(self, pos: int, /) -> int:
+        return self._f.seek(pos)
+
+    def pread_into(self, view: memoryview, offset: int) -> int:
+        return os.preadv(self._f.fileno(), [view], offset)
+
+    def mmap_path(self) -> str | None:
+        proc = f"/proc/self/fd/{self._f.fileno()}"
+        return proc if os.path.exists(proc) else None
+
+    def close(self) -> None:
+        self._f.close()
+
+    def __enter__(self) -> LocalFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _kind(mode: int) -> Kind:
+    if stat.S_ISREG(mode):
+        return "file"
+    if stat.S_ISDIR(mode):
+        return "dir"
+    return "link" if stat.S_ISLNK(mode) else "other"
 
 
 def open_regular(path: Path, what: str, missing: str | None = None, *, dir_fd: int | None = None) -> io.BufferedReader:
@@ -94,179 +114,244 @@ def open_regular(path: Path, what: str, missing: str | None = None, *, dir_fd: i
             path.name if dir_fd is not None else path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=dir_fd
         )
     except FileNotFoundError:
-        raise CheckpointNotFoundError(f"{path}: {missing or what + ' is missing'}") from None
+        raise CheckpointNotFoundError(f"{path}: {missing or what + ' is missing'}", file=path) from None
     except OSError as e:
-        raise CheckpointCorruptedError(f"{path}: cannot open {what} ({e.strerror}); symlinks are refused") from None
+        raise CheckpointCorruptedError(
+            f"{path}: cannot open {what} ({e.strerror}); symlinks are refused", file=path
+        ) from None
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
-        raise CheckpointCorruptedError(f"{path}: {what} is not a regular file")
+        raise CheckpointCorruptedError(f"{path}: {what} is not a regular file", file=path)
     return os.fdopen(fd, "rb")
 
 
-def open_dir(path: Path) -> int:
-    """A descriptor of a checkpoint directory: every file is then opened through it, so a reader
-    sees one checkpoint even if the name is renamed away (retention, overwrite) while it reads."""
-    try:
-        return os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    except FileNotFoundError:
-        raise CheckpointNotFoundError(f"{path}: no such checkpoint directory (removed by retention?)") from None
-    except OSError as e:
-        raise CheckpointCorruptedError(f"{path}: cannot open the checkpoint directory ({e.strerror})") from None
+class LocalDir:
+    """A checkpoint directory held open by descriptor."""
 
-
-def committed_steps(root: Path) -> list[int]:
-    """Steps with a committed checkpoint (a step directory holding manifest.json), ascending."""
-    try:
-        names = os.listdir(root)
-    except FileNotFoundError:
-        return []
-    steps = []
-    for name in names:
-        step = step_of(name)
-        if step is not None and (root / name / "manifest.json").is_file():
-            steps.append(step)
-    return sorted(steps)
-
-
-def read_latest(root: Path) -> Path | None:
-    """The checkpoint ``latest`` names, if it is committed; else the highest committed step; else None."""
-    try:
-        with open_regular(root / LATEST, LATEST) as f:
-            name = f.read(4096).decode("utf-8").strip()
-    except (CheckpointError, OSError, UnicodeDecodeError):  # missing, not a file, unreadable: fall back to the scan
-        name = ""
-    if step_of(name) is not None and (root / name / "manifest.json").is_file():
-        return root / name
-    steps = committed_steps(root)
-    return root / step_name(steps[-1]) if steps else None
-
-
-@contextlib.contextmanager
-def locked(root: Path) -> Iterator[None]:
-    """Hold the root's advisory commit lock (blocks until free)."""
-    fd = os.open(root / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
-
-
-def new_temp_dir(root: Path, step: int) -> Path:
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = root / f"{TMP_PREFIX}{step_name(step)}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    return tmp
-
-
-def _replace_latest(root: Path) -> None:
-    steps = committed_steps(root)
-    if not steps:
-        return
-    tmp = root / f"{TMP_PREFIX}latest-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    try:
-        # not fsync'd on its own: the root's fsync after the rename covers it, and a reader that finds
-        # `latest` empty or stale after a crash falls back to the highest committed step
-        write_file(tmp, (step_name(steps[-1]) + "\n").encode(), sync=False)
-        os.replace(tmp, root / LATEST)
-    except OSError:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-
-
-def commit(tmp: Path, root: Path, step: int, *, overwrite: bool) -> Path:
-    """Move the finished temporary directory into place and point ``latest`` at the newest step.
-
-    If anything fails after the rename (syncing the root, replacing ``latest``), the commit is
-    undone, so a save that raises has committed nothing.
-    """
-    final = root / step_name(step)
-    fsync_path(tmp)
-    with locked(root):
-        trash = None
-        if final.exists():
-            if not overwrite:
-                raise CheckpointExistsError(
-                    f"{final}: a checkpoint for step {step} already exists; "
-                    "pass overwrite=True to replace it, or save a new step"
-                )
-            trash = root / f"{REPLACED_PREFIX}{final.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-            os.rename(final, trash)
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.location = str(path)
         try:
-            os.rename(tmp, final)
-        except OSError:
-            if trash is not None:
-                os.rename(trash, final)
-            raise
+            self.fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        except FileNotFoundError:
+            raise CheckpointNotFoundError(
+                f"{path}: no such checkpoint directory (removed by retention?)", file=path
+            ) from None
+        except OSError as e:
+            raise CheckpointCorruptedError(
+                f"{path}: cannot open the checkpoint directory ({e.strerror})", file=path
+            ) from None
+
+    def open(self, name: str) -> LocalFile:
+        return LocalFile(open_regular(self.path / name, name, dir_fd=self.fd))
+
+    def kind(self, name: str) -> Kind | None:
         try:
-            _replace_latest(root)
-            fsync_path(root)  # one sync makes both renames durable
+            return _kind(os.stat(name, dir_fd=self.fd, follow_symlinks=False).st_mode)
+        except FileNotFoundError:
+            return None
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+@dataclass(frozen=True, slots=True)
+class LocalStorage:
+    """A directory on the local file system."""
+
+    path: Path
+    commit_strategy: ClassVar[CommitStrategy] = "rename"
+
+    @staticmethod
+    def accepts(location: str) -> bool:
+        return "://" not in location or location.startswith("file://")
+
+    @classmethod
+    def from_location(cls, location: str) -> LocalStorage:
+        return cls(Path(location.removeprefix("file://")))
+
+    @property
+    def location(self) -> str:
+        return str(self.path)
+
+    def child(self, name: str) -> LocalStorage:
+        return LocalStorage(self.path / name)
+
+    def kind(self, name: str | None = None) -> Kind | None:
+        try:  # the location itself may be reached through a link (a path the user gave); its entries may not
+            return _kind(os.lstat(self.path / name).st_mode if name else os.stat(self.path).st_mode)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+
+    def listdir(self) -> list[str]:
+        try:
+            return os.listdir(self.path)
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+
+    def read_small(self, name: str, limit: int) -> bytes | None:
+        try:
+            with open_regular(self.path / name, name) as f:
+                return f.read(limit)
+        except (CheckpointNotFoundError, CheckpointCorruptedError, OSError):
+            return None
+
+    def write_small(self, name: str, data: bytes) -> None:
+        # not fsync'd on its own: the caller syncs the directory, and readers tolerate a stale `latest`
+        tmp = self.path / f"{names.TMP_PREFIX}{name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        try:
+            write_file(tmp, data, sync=False)
+            os.replace(tmp, self.path / name)
         except OSError:
-            _undo(root, final, trash)
+            with contextlib.suppress(OSError):
+                tmp.unlink()
             raise
-    if trash is not None:
+
+    def make_root(self) -> None:
+        if not self.path.is_dir():
+            self.path.mkdir(parents=True, exist_ok=True)
+
+    def open_dir(self) -> LocalDir:
+        return LocalDir(self.path)
+
+    def stage(self, name: str, *, overwrite: bool) -> LocalStaging:
+        return LocalStaging(self, name, overwrite=overwrite)
+
+    def remove(self, name: str) -> None:
+        """Renamed away first, so the checkpoint vanishes at once for readers, then deleted."""
+        trash = self.path / f"{names.TRASH_PREFIX}{name}-{uuid.uuid4().hex[:8]}"
+        try:
+            os.rename(self.path / name, trash)
+        except FileNotFoundError:
+            return
         shutil.rmtree(trash, ignore_errors=True)
-    return final
 
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the root's advisory commit lock (blocks until free)."""
+        fd = os.open(self.path / names.LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
 
-def _undo(root: Path, final: Path, trash: Path | None) -> None:
-    """Best effort, on a failing disk: retire the new checkpoint, put back the one it replaced, repoint latest."""
-    with contextlib.suppress(OSError):
-        retired = root / f"{TRASH_PREFIX}{final.name}-{uuid.uuid4().hex[:8]}"
-        os.rename(final, retired)
-        shutil.rmtree(retired, ignore_errors=True)
-        if trash is not None:
-            os.rename(trash, final)
-        _replace_latest(root)
-        fsync_path(root)
+    def clean(self) -> list[str]:
+        """Remove leftovers of crashed saves and deletions whose writer is gone; returns their names.
 
-
-def delete(root: Path, step: int) -> None:
-    """Remove a committed checkpoint: renamed away first so it vanishes atomically for readers."""
-    final = root / step_name(step)
-    trash = root / f"{TRASH_PREFIX}{final.name}-{uuid.uuid4().hex[:8]}"
-    try:
-        os.rename(final, trash)
-    except FileNotFoundError:
-        return
-    shutil.rmtree(trash, ignore_errors=True)
-
-
-def clean_temporaries(root: Path) -> list[str]:
-    """Remove leftovers of crashed saves and deletions whose writer is gone; returns their names.
-
-    A checkpoint an overwrite moved aside (``.replaced-step-N-...``) whose writer died before the new
-    one took its place is put back, not deleted: it is complete, and it is the only copy of step N.
-    """
-    removed: list[str] = []
-    try:
-        names = os.listdir(root)
-    except FileNotFoundError:
+        A checkpoint an overwrite moved aside (``.replaced-step-N-...``) whose writer died before the new
+        one took its place is put back, not deleted: it is complete, and it is the only copy of step N.
+        """
+        removed: list[str] = []
+        prefixes = (names.TMP_PREFIX, names.TRASH_PREFIX, names.REPLACED_PREFIX)
+        candidates = sorted(n for n in self.listdir() if n.startswith(prefixes))
+        if not candidates or not os.access(self.path, os.W_OK):
+            return removed  # nothing to do, or a read-only copy: reading never needs write access
+        with self.locked():  # a live writer's commit holds the lock between its two renames
+            for name in candidates:
+                if owner_alive(name):
+                    continue
+                path = self.path / name
+                m = re.fullmatch(rf"{re.escape(names.REPLACED_PREFIX)}(step-[0-9]+)-[0-9]+-[0-9a-f]+", name)
+                if m is not None and not (self.path / m.group(1)).exists():
+                    with contextlib.suppress(OSError):  # a failing disk: leave it for the next opening
+                        os.rename(path, self.path / m.group(1))
+                        point_latest(self)
+                    continue
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    with contextlib.suppress(FileNotFoundError):
+                        path.unlink()
+                removed.append(name)
         return removed
-    with locked(root):  # a live writer's commit holds the lock between its two renames
-        for name in sorted(names):
-            if not name.startswith((TMP_PREFIX, TRASH_PREFIX, REPLACED_PREFIX)) or _owner_alive(name):
-                continue
-            path = root / name
-            m = re.fullmatch(rf"{re.escape(REPLACED_PREFIX)}(step-[0-9]+)-[0-9]+-[0-9a-f]+", name)
-            if m is not None and not (root / m.group(1)).exists():
-                with contextlib.suppress(OSError):  # a failing disk: leave it for the next opening
-                    os.rename(path, root / m.group(1))
-                    _replace_latest(root)
-                continue
-            if path.is_dir():
-                shutil.rmtree(path, ignore_errors=True)
-            else:
-                with contextlib.suppress(FileNotFoundError):
-                    path.unlink()
-            removed.append(name)
-    return removed
 
 
-def _owner_alive(name: str) -> bool:
+class LocalStaging:
+    """A temporary sibling directory ``.tmp-<name>-<pid>-<random>``, renamed into place on commit."""
+
+    def __init__(self, root: LocalStorage, name: str, *, overwrite: bool) -> None:
+        self.root = root
+        self.name = name
+        self.overwrite = overwrite
+        if not overwrite and (root.path / name).exists():
+            raise _exists(root.path / name, name)
+        root.path.mkdir(parents=True, exist_ok=True)
+        self.tmp: Path | None = root.path / f"{names.TMP_PREFIX}{name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.tmp.mkdir()
+
+    def _dir(self) -> Path:
+        if self.tmp is None:
+            raise RuntimeError("this staging area was already committed or aborted")
+        return self.tmp
+
+    def create(self, name: str) -> FdWriter:
+        return FdWriter(os.open(self._dir() / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+
+    def sync(self, name: str) -> None:
+        fsync_path(self._dir() / name)
+
+    def abort(self) -> None:
+        if self.tmp is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            self.tmp = None
+
+    def commit(self) -> str:
+        """Rename the finished directory into place and point ``latest`` at the newest step.
+
+        If anything fails after the rename (syncing the root, replacing ``latest``), the commit is
+        undone, so a save that raises has committed nothing.
+        """
+        tmp, root = self._dir(), self.root.path
+        final = root / self.name
+        fsync_path(tmp)
+        with self.root.locked():
+            moved = None
+            if final.exists():
+                if not self.overwrite:
+                    raise _exists(final, self.name)
+                moved = root / f"{names.REPLACED_PREFIX}{final.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+                os.rename(final, moved)
+            try:
+                os.rename(tmp, final)
+            except OSError:
+                if moved is not None:
+                    os.rename(moved, final)
+                raise
+            self.tmp = None
+            try:
+                point_latest(self.root)
+                fsync_path(root)  # one sync makes both renames durable
+            except OSError:
+                self._undo(final, moved)
+                raise
+        if moved is not None:
+            shutil.rmtree(moved, ignore_errors=True)
+        return str(final)
+
+    def _undo(self, final: Path, moved: Path | None) -> None:
+        """Best effort, on a failing disk: retire the new checkpoint, put back the one it replaced, repoint latest."""
+        with contextlib.suppress(OSError):
+            retired = self.root.path / f"{names.TRASH_PREFIX}{final.name}-{uuid.uuid4().hex[:8]}"
+            os.rename(final, retired)
+            shutil.rmtree(retired, ignore_errors=True)
+            if moved is not None:
+                os.rename(moved, final)
+            point_latest(self.root)
+            fsync_path(self.root.path)
+
+
+def _exists(path: Path, name: str) -> CheckpointExistsError:
+    return CheckpointExistsError(
+        f"{path}: a checkpoint for step {names.step_of(name)} already exists; "
+        "pass overwrite=True to replace it, or save a new step",
+        file=path,
+    )
+
+
+def owner_alive(name: str) -> bool:
     """Temporaries carry the writer's pid; one of a live process (or our own) may still be in use."""
-    m = re.match(r"^\.(?:tmp|replaced)-(?:step-[0-9]+|latest)-([0-9]+)-", name)
+    m = re.match(r"^\.(?:tmp|replaced|pending)-(?:step-[0-9]+|latest)-([0-9]+)-", name)
     if m is None:
         return False
     pid = int(m.group(1))
@@ -279,16 +364,3 @@ def _owner_alive(name: str) -> bool:
     except PermissionError:
         return True
     return True
-
-
-def as_write_error(e: OSError, what: str) -> CheckpointWriteError:
-    reason = errno.errorcode.get(e.errno or 0, "error")
-    err = CheckpointWriteError(e.errno, f"{what}: {e.strerror or e} ({reason}); nothing was committed")
-    if e.filename is not None:
-        err.filename = e.filename
-    return err
-
-
-def require_dir(path: Path) -> None:
-    if not path.exists():
-        raise CheckpointNotFoundError(f"{path}: no such checkpoint or directory")
