@@ -7,97 +7,101 @@ diagnostics to stderr; tracebacks only with ``--traceback``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import traceback
 from collections.abc import Callable, Sequence
 from typing import Any, TextIO
 
-from portable_ckpt.convert.format0 import convert
-from portable_ckpt.errors import CheckpointError
-from portable_ckpt.inspect import inspect_checkpoint, validate_checkpoint
+from portable_ckpt import CheckpointError, convert_format0, inspect_checkpoint, validate_checkpoint
+from portable_ckpt.report import escape, render_info, render_validation
+from portable_ckpt.version import __version__
 
 EXIT_OK, EXIT_INVALID, EXIT_USAGE = 0, 1, 2
 
+DESCRIPTION = """\
+Inspect, validate and convert portable-ckpt checkpoints: PyTorch training checkpoints stored as a
+directory of safetensors weights and JSON metadata, with a format version and a checksum for every
+file. PATH is a checkpoint directory (step-NNNNNNNN/) or a checkpoints root, which means its newest
+committed checkpoint."""
 
-def escape(text: str) -> str:
-    """Control characters shown as escapes, so a hostile name cannot drive the terminal."""
-    return "".join(c if c.isprintable() or c == " " else c.encode("unicode_escape").decode("ascii") for c in text)
+# name -> (what it does, an example): the command list of ``portable-ckpt --help``
+COMMANDS = {
+    "inspect": ("what a checkpoint holds", "portable-ckpt inspect checkpoints"),
+    "validate": ("verify checksums, schemas, headers", "portable-ckpt validate checkpoints/step-00000100"),
+    "convert": ("a format-0 checkpoint to format 1", "portable-ckpt convert old-run/ checkpoints"),
+    "demo": ("train, SIGKILL, resume bit-identically", "portable-ckpt demo --quantize int8"),
+}
+
+EPILOG = (
+    "commands (portable-ckpt COMMAND --help says what each prints):\n"
+    + "".join(f"  {name:10} {summary:40} {example}\n" for name, (summary, example) in COMMANDS.items())
+    + """
+exit status: 0 ok, 1 invalid or unreadable checkpoint, 2 usage error.
+Data goes to stdout, diagnostics to stderr; --traceback also prints the traceback of a known error."""
+)
+
+INSPECT = """\
+Describe the checkpoint at PATH from its manifest and safetensors header, without reading tensor
+data or verifying checksums (validate does that). Prints the format version, step, creation time,
+producer, every file with its size, every tensor with its dtype and shape, tied names, and the
+quantization summary; with --json, one JSON object with the same fields.
+
+exit status: 0 described, 1 not found or unreadable (the reason on stderr), 2 usage error"""
+
+VALIDATE = """\
+Check each checkpoint as a load would, and more: the manifest and every JSON file against the
+schemas, every file's size and checksum, the safetensors headers, the tensors against the
+quantization metadata. Prints "ok       PATH" for a valid checkpoint, else one line
+"INVALID  PATH: FILE: problem [ErrorClass]" per problem; with --json, one JSON object
+{"valid": ..., "checkpoints": [{"path": ..., "valid": ..., "problems": [{"file", "message", "error"}]}]}.
+
+exit status: 0 every checkpoint valid, 1 any invalid, 2 usage error"""
+
+CONVERT = """\
+Convert a format-0 checkpoint (the layout before this library: model.pt, metadata.json and optionally
+optimizer.pt, config.json, vocab.json) to format 1, saved under the checkpoints root DST as
+DST/step-NNNNNNNN. Only format 0 is read. Prints the new checkpoint's path.
+
+exit status: 0 converted, 1 unreadable source or failed write (an existing step needs --overwrite),
+2 usage error"""
+
+DEMO = """\
+Train the shipped reference model (a small character-level transformer) twice in child processes,
+once uninterrupted and once killed with SIGKILL between two saves and resumed in a new process;
+print both loss curves and the verdict (bit-identical, or the first step that differs), then inspect
+and validate the final checkpoint. --quantize adds a quantized copy and LoRA fine-tuning of it, also
+killed and resumed. Each run writes a new DIR/run-NNN and deletes nothing.
+
+exit status: 0 PASS, 1 FAIL (a difference or an invalid checkpoint), 2 usage error"""
 
 
 def _print_json(doc: Any, out: TextIO) -> None:
     out.write(json.dumps(doc, sort_keys=True, indent=2, ensure_ascii=True) + "\n")
 
 
-def human_size(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024  # type: ignore[assignment]
-    return str(n)
-
-
 def cmd_inspect(args: argparse.Namespace, out: TextIO) -> int:
     info = inspect_checkpoint(args.path)
     if args.json:
-        _print_json(info, out)
-        return EXIT_OK
-    out.write(f"checkpoint      {escape(info['path'])}\n")
-    out.write(f"format_version  {info['format_version']}\nstep            {info['step']}\n")
-    if "producer" in info:
-        p = info["producer"]
-        out.write(f"created_at      {info['created_at']}\n")
-        out.write(f"producer        {p['name']} {p['version']}, torch {p.get('torch', '?')}\n")
-    out.write("files\n")
-    for f in info["files"]:
-        out.write(f"  {escape(f['name']):32} {human_size(f['size']):>12}\n")
-    out.write(f"tensors ({len(info['tensors'])})\n")
-    for t in info["tensors"]:
-        out.write(f"  {escape(t['name']):40} {t['dtype']:6} {t['shape']}\n")
-    for alias, target in info["aliases"].items():
-        out.write(f"  {escape(alias):40} -> {escape(target)} (tied)\n")
-    q = info["quantization"]
-    if q is None:
-        out.write("quantization    none (full precision)\n")
+        _print_json(info.to_json(), out)
     else:
-        ratio = q["quantized_bytes"] / q["float32_bytes"] if q.get("float32_bytes") else float("nan")
-        out.write(
-            f"quantization    {q['mode']}, int{q['bits']}, {'symmetric' if q.get('symmetric') else 'asymmetric'}, "
-            f"{q.get('granularity')}{'' if not q.get('group_size') else ' ' + str(q['group_size'])}\n"
-            f"                quantized layers {human_size(q['quantized_bytes'])} vs "
-            f"{human_size(q['float32_bytes'])} in fp32 ({ratio:.1%})\n"
-        )
+        out.write(render_info(info))
     return EXIT_OK
 
 
 def cmd_validate(args: argparse.Namespace, out: TextIO) -> int:
-    results = {str(p): validate_checkpoint(p) for p in args.paths}
+    reports = [validate_checkpoint(p) for p in args.paths]
+    valid = all(r.valid for r in reports)
     if args.json:
-        _print_json(
-            {
-                "valid": not any(results.values()),
-                "checkpoints": [
-                    {
-                        "path": path,
-                        "valid": not problems,
-                        "problems": [{"file": p.file, "error": p.error, "message": p.message} for p in problems],
-                    }
-                    for path, problems in results.items()
-                ],
-            },
-            out,
-        )
+        _print_json({"valid": valid, "checkpoints": [r.to_json() for r in reports]}, out)
     else:
-        for path, problems in results.items():
-            if not problems:
-                out.write(f"ok       {escape(path)}\n")
-            for p in problems:
-                out.write(f"INVALID  {escape(path)}: {escape(p.file)}: {escape(p.message)} [{p.error}]\n")
-    return EXIT_INVALID if any(results.values()) else EXIT_OK
+        out.write(render_validation(reports))
+    return EXIT_OK if valid else EXIT_INVALID
 
 
 def cmd_convert(args: argparse.Namespace, out: TextIO) -> int:
-    path = convert(args.src, args.dst, overwrite=args.overwrite)
+    path = convert_format0(args.src, args.dst, overwrite=args.overwrite)
     out.write(f"{escape(str(path))}\n")
     return EXIT_OK
 
@@ -109,35 +113,54 @@ def cmd_demo(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="portable-ckpt", description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--traceback", action="store_true", help="show tracebacks of known errors")
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("inspect", help="describe a checkpoint: version, step, files, tensors, quantization")
-    p.add_argument("path")
+    raw = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(
+        prog="portable-ckpt",
+        usage="%(prog)s [--traceback] COMMAND [ARGS...]",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=raw,
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("--traceback", action="store_true", help="also print the traceback of a known error")
+    # the epilog lists the commands with examples; argparse's own list would repeat it
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", help=argparse.SUPPRESS)
+
+    def command(
+        name: str, description: str, run: Callable[[argparse.Namespace, TextIO], int]
+    ) -> argparse.ArgumentParser:
+        p = sub.add_parser(
+            name, prog=f"portable-ckpt {name}", help=COMMANDS[name][0], description=description, formatter_class=raw
+        )
+        p.set_defaults(run=run)
+        return p
+
+    p = command("inspect", INSPECT, cmd_inspect)
+    p.add_argument("path", metavar="PATH", help="a checkpoint directory or a checkpoints root")
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.set_defaults(run=cmd_inspect)
-    p = sub.add_parser("validate", help="check checkpoints against the schemas, checksums and headers")
-    p.add_argument("paths", nargs="+")
+
+    p = command("validate", VALIDATE, cmd_validate)
+    p.add_argument("paths", nargs="+", metavar="PATH", help="checkpoint directories or checkpoints roots")
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.set_defaults(run=cmd_validate)
-    p = sub.add_parser("convert", help="rewrite a format-0 checkpoint as format 1 under the root DST")
-    p.add_argument("src")
-    p.add_argument("dst")
-    p.add_argument("--overwrite", action="store_true")
-    p.set_defaults(run=cmd_convert)
-    p = sub.add_parser("demo", help="train, kill, resume bit-identically, inspect and validate")
+
+    p = command("convert", CONVERT, cmd_convert)
+    p.add_argument("src", metavar="SRC", help="the format-0 checkpoint directory")
+    p.add_argument("dst", metavar="DST", help="the checkpoints root to save into")
+    p.add_argument("--overwrite", action="store_true", help="replace the step if DST already has it")
+
+    p = command("demo", DEMO, cmd_demo)
     p.add_argument("--dir", default="portable-ckpt-demo", help="where to write (default: ./portable-ckpt-demo)")
     p.add_argument("--quantize", choices=["int8", "int4"], default=None, help="also run the quantized chapter")
-    p.set_defaults(run=cmd_demo)
     return parser
 
 
 def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None, err: TextIO | None = None) -> int:
     out = out or sys.stdout
     err = err or sys.stderr
-    try:
-        args = build_parser().parse_args(argv)
-    except SystemExit as e:  # argparse reports usage errors by exiting
+    try:  # argparse prints help and usage errors itself, then exits
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            args = build_parser().parse_args(argv)
+    except SystemExit as e:
         return e.code if isinstance(e.code, int) else EXIT_USAGE
     run: Callable[[argparse.Namespace, TextIO], int] = args.run
     try:

@@ -3,24 +3,17 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from portable_ckpt.convert import format0 as _legacy
 from portable_ckpt.errors import CheckpointError
-from portable_ckpt.format import manifest as _manifest
+from portable_ckpt.files import CheckpointFiles, read_quantization
+from portable_ckpt.format import names
 from portable_ckpt.format import safetensors as _safetensors
-from portable_ckpt.load import KNOWN_FILES, _Files, _quantization, read_checkpoint, resolve
-from portable_ckpt.save import MODEL_FILE
-
-
-@dataclass(frozen=True, slots=True)
-class Problem:
-    """One thing wrong with a checkpoint: the file (path) and what is wrong with it."""
-
-    file: str
-    message: str
-    error: str  # the CheckpointError subclass name
+from portable_ckpt.load import read_checkpoint
+from portable_ckpt.root import display, resolve
+from portable_ckpt.types import CheckpointInfo, FileInfo, Problem, TensorInfo, ValidationReport
 
 
 def _problem(e: CheckpointError, fallback: str) -> Problem:
@@ -31,22 +24,32 @@ def _problem(e: CheckpointError, fallback: str) -> Problem:
     return Problem(file=file, message=message, error=type(e).__name__)
 
 
-def validate_checkpoint(path: str | os.PathLike[str]) -> list[Problem]:
-    """Every problem found in the checkpoint at ``path`` (empty when valid). Never raises CheckpointError."""
+def validate_checkpoint(path: str | os.PathLike[str]) -> ValidationReport:
+    """Every problem found in the checkpoint (or a root's newest checkpoint) at ``path``; never raises
+    CheckpointError. Each damaged file is one problem; with every file intact, the first structural one.
+
+    >>> report = validate_checkpoint("checkpoints")  # doctest: +SKIP
+    >>> report.valid, [(p.file, p.error) for p in report.problems]  # doctest: +SKIP
+    (True, [])
+    """
+    return ValidationReport(path=path if isinstance(path, str) else Path(path), problems=tuple(_problems(path)))
+
+
+def _problems(path: str | os.PathLike[str]) -> list[Problem]:
     try:
         directory = resolve(path)
     except CheckpointError as e:
         return [_problem(e, str(path))]
-    if not (directory / _manifest.MANIFEST).exists():
+    if directory.kind(names.MANIFEST) is None:
         try:
             _legacy.read(directory)
         except CheckpointError as e:
-            return [_problem(e, str(directory))]
+            return [_problem(e, directory.location)]
         return []
     try:
-        files = _Files(directory, verify=True)
+        files = CheckpointFiles(directory, verify=True)
     except CheckpointError as e:
-        return [_problem(e, str(directory / _manifest.MANIFEST))]
+        return [_problem(e, f"{directory.location}/{names.MANIFEST}")]
     problems: list[Problem] = []
     with files:
         for name in sorted(files.entries):  # every file's kind, size and checksum, each reported
@@ -59,52 +62,61 @@ def validate_checkpoint(path: str | os.PathLike[str]) -> list[Problem]:
     try:  # then every structural check a load makes, on the verified files
         read_checkpoint(directory, verify=False)
     except CheckpointError as e:
-        return [_problem(e, str(directory))]
+        return [_problem(e, directory.location)]
     return []
 
 
-def inspect_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """A JSON-compatible description read from the manifest and headers only (no tensor data)."""
+def inspect_checkpoint(path: str | os.PathLike[str]) -> CheckpointInfo:
+    """Describe the checkpoint (or a root's newest checkpoint) at ``path`` from its manifest and headers
+    only: no tensor data is read and checksums are not verified (``validate_checkpoint`` does that).
+
+    >>> info = inspect_checkpoint("checkpoints")  # doctest: +SKIP
+    >>> info.step, [(t.name, t.dtype, t.shape) for t in info.tensors][:1]  # doctest: +SKIP
+    (100, [('emb.weight', 'F32', (61, 96))])
+    """
     directory = resolve(path)
-    if not (directory / _manifest.MANIFEST).exists():
+    if directory.kind(names.MANIFEST) is None:
         ckpt = _legacy.read(directory)
-        return {
-            "path": str(directory),
-            "format_version": 0,
-            "step": ckpt.step,
-            "files": [{"name": n, "size": e["size"]} for n, e in sorted(ckpt.manifest["files"].items())],
-            "tensors": [
-                {"name": k, "dtype": _safetensors.DTYPE_NAMES.get(v.dtype, str(v.dtype)), "shape": list(v.shape)}
+        return CheckpointInfo(
+            path=display(directory),
+            format_version=0,
+            step=ckpt.step,
+            created_at=None,
+            producer=None,
+            files=tuple(FileInfo(n, e["size"]) for n, e in sorted(ckpt.manifest["files"].items())),
+            tensors=tuple(
+                TensorInfo(k, _safetensors.DTYPE_NAMES.get(v.dtype, str(v.dtype)), tuple(v.shape))
                 for k, v in sorted(ckpt.model_state.items())
-            ],
-            "aliases": {},
-            "quantization": None,
-        }
-    with _Files(directory, verify=False) as files:
+            ),
+            aliases={},
+            rng=(),
+            quantization=None,
+            unknown_files=(),
+        )
+    with CheckpointFiles(directory, verify=False) as files:
         manifest = files.manifest
-        with files.open(MODEL_FILE) as f:
-            header, _ = _safetensors.read_header(f, manifest["files"][MODEL_FILE]["size"], files.label(MODEL_FILE))
+        with files.opened(names.MODEL) as f:
+            header, _ = files.read_header(f, names.MODEL)
         quant = None
         if manifest.get("quantization") is not None:
-            meta = _quantization(files, manifest, header)
+            meta = read_quantization(files, manifest, header)
             if meta is not None:
                 quant = {**manifest["quantization"], **_quant_sizes(meta, header)}
-    return {
-        "path": str(directory),
-        "format_version": manifest["format_version"],
-        "step": manifest["step"],
-        "created_at": manifest["created_at"],
-        "producer": manifest["producer"],
-        "files": [{"name": n, "size": e["size"]} for n, e in sorted(manifest["files"].items())],
-        "tensors": [
-            {"name": e.name, "dtype": e.dtype, "shape": list(e.shape)}
-            for e in sorted(header.entries, key=lambda e: e.name)
-        ],
-        "aliases": manifest.get("aliases", {}),
-        "rng": manifest.get("rng", []),
-        "quantization": quant,
-        "unknown_files": sorted(set(manifest["files"]) - KNOWN_FILES),
-    }
+    return CheckpointInfo(
+        path=display(directory),
+        format_version=manifest["format_version"],
+        step=manifest["step"],
+        created_at=manifest["created_at"],
+        producer=manifest["producer"],
+        files=tuple(FileInfo(n, e["size"]) for n, e in sorted(manifest["files"].items())),
+        tensors=tuple(
+            TensorInfo(e.name, e.dtype, tuple(e.shape)) for e in sorted(header.entries, key=lambda e: e.name)
+        ),
+        aliases=dict(manifest.get("aliases", {})),
+        rng=tuple(manifest.get("rng", [])),
+        quantization=quant,
+        unknown_files=tuple(sorted(set(manifest["files"]) - names.KNOWN_FILES)),
+    )
 
 
 # the tensors that represent a quantized weight (adapters, biases and QAT master weights are extra)

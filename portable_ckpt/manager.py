@@ -8,23 +8,30 @@ import threading
 from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, overload
 
 import torch
 from torch import nn
 
+from portable_ckpt import root as _root
 from portable_ckpt import save as _save
 from portable_ckpt.errors import CheckpointInputError, CheckpointNotFoundError, CheckpointWriteError
+from portable_ckpt.format import names
 from portable_ckpt.load import load_checkpoint
+from portable_ckpt.root import display
 from portable_ckpt.state import Stateful
-from portable_ckpt.storage import local as _layout
+from portable_ckpt.storage import Storage, storage_for
 from portable_ckpt.types import Checkpoint
 
 
 class SaveHandle:
-    """A save running in the background: ``done()``, ``wait()`` (re-raises its error), ``result()``."""
+    """A save running in the background, as ``CheckpointManager.save(..., blocking=False)`` returns it.
 
-    def __init__(self, future: Future[Path]) -> None:
+    ``done()`` says whether it has finished; ``result()`` waits and returns the committed checkpoint's
+    path (or re-raises the save's error); ``wait()`` is ``result()`` without the path.
+    """
+
+    def __init__(self, future: Future[Path | str]) -> None:
         self._future = future
         self.observed = False  # an error seen here is not raised again by the manager
 
@@ -34,7 +41,7 @@ class SaveHandle:
     def wait(self, timeout: float | None = None) -> None:
         self.result(timeout)
 
-    def result(self, timeout: float | None = None) -> Path:
+    def result(self, timeout: float | None = None) -> Path | str:
         try:
             return self._future.result(timeout)
         finally:
@@ -63,29 +70,79 @@ class CheckpointManager:
 
     def __init__(
         self,
-        root: str | os.PathLike[str] = "checkpoints",
+        root: str | os.PathLike[str] | Storage = "checkpoints",
         *,
         keep_last: int | None = None,
         keep_every: int | None = None,
     ) -> None:
-        self.root = Path(root)
+        self.storage = storage_for(root)
+        self.root = display(self.storage)
         self.keep_last = _count(keep_last, "keep_last")
         self.keep_every = _count(keep_every, "keep_every")
-        self.root.mkdir(parents=True, exist_ok=True)
-        _layout.clean_temporaries(self.root)
+        self.storage.make_root()
+        self.storage.clean()
         self._executor: ThreadPoolExecutor | None = None
         self._pending: SaveHandle | None = None
         self._lock = threading.Lock()
         # host buffers of the last non-blocking save, reused by the next (the previous write is over by then)
         self._staging: dict[str, torch.Tensor] = {}
 
-    def latest(self) -> Path | None:
+    def latest(self) -> Path | str | None:
         """The newest committed checkpoint directory, or None."""
-        return _layout.read_latest(self.root)
+        found = _root.latest(self.storage)
+        return None if found is None else display(found)
 
     def steps(self) -> list[int]:
         """Committed steps, ascending."""
-        return _layout.committed_steps(self.root)
+        return _root.committed_steps(self.storage)
+
+    @overload
+    def save(
+        self,
+        model: nn.Module | Mapping[str, torch.Tensor],
+        optimizer: torch.optim.Optimizer | None,
+        config: Any,
+        vocab: Any,
+        step: int,
+        *,
+        scheduler: Stateful | None = ...,
+        scaler: Stateful | None = ...,
+        extra: Any = ...,
+        states: Mapping[str, Any] | None = ...,
+        blocking: Literal[True] = ...,
+    ) -> Path | str: ...
+
+    @overload
+    def save(
+        self,
+        model: nn.Module | Mapping[str, torch.Tensor],
+        optimizer: torch.optim.Optimizer | None,
+        config: Any,
+        vocab: Any,
+        step: int,
+        *,
+        scheduler: Stateful | None = ...,
+        scaler: Stateful | None = ...,
+        extra: Any = ...,
+        states: Mapping[str, Any] | None = ...,
+        blocking: Literal[False],
+    ) -> SaveHandle: ...
+
+    @overload
+    def save(
+        self,
+        model: nn.Module | Mapping[str, torch.Tensor],
+        optimizer: torch.optim.Optimizer | None,
+        config: Any,
+        vocab: Any,
+        step: int,
+        *,
+        scheduler: Stateful | None = ...,
+        scaler: Stateful | None = ...,
+        extra: Any = ...,
+        states: Mapping[str, Any] | None = ...,
+        blocking: bool,
+    ) -> Path | str | SaveHandle: ...
 
     def save(
         self,
@@ -98,8 +155,9 @@ class CheckpointManager:
         scheduler: Stateful | None = None,
         scaler: Stateful | None = None,
         extra: Any = None,
+        states: Mapping[str, Any] | None = None,
         blocking: bool = True,
-    ) -> Any:
+    ) -> Path | str | SaveHandle:
         """Save ``step``; returns its path, or with ``blocking=False`` a SaveHandle.
 
         A non-blocking save copies the state to host memory before returning, so training may
@@ -108,14 +166,25 @@ class CheckpointManager:
         """
         self.wait()
         steps = self.steps()
-        if steps and type(step) is int and step <= steps[-1]:
+        step = _save.as_step(step)
+        if steps and step <= steps[-1]:
             raise CheckpointInputError(
-                f"step {step} is not after the newest checkpoint in {self.root} (step {steps[-1]}); "
-                "saved steps must keep increasing"
+                f"step {step} is not after the newest checkpoint in {self.storage.location} (step {steps[-1]}); "
+                "saved steps must keep increasing. To continue from an earlier step (after restore(step=N)), "
+                "call drop_after(N) to delete the newer checkpoints, or save into a new root"
             )
         pool = None if blocking else self._staging
         snap = _save.snapshot(
-            model, optimizer, config, vocab, step, scheduler=scheduler, scaler=scaler, extra=extra, pool=pool
+            model,
+            optimizer,
+            config,
+            vocab,
+            step,
+            scheduler=scheduler,
+            scaler=scaler,
+            extra=extra,
+            states=states,
+            pool=pool,
         )
         if blocking:
             return self._write(snap)
@@ -127,8 +196,8 @@ class CheckpointManager:
             self._pending = SaveHandle(self._executor.submit(self._write, snap))
             return self._pending
 
-    def _write(self, snap: _save.Snapshot) -> Path:
-        path = _save.write(snap, self.root)
+    def _write(self, snap: _save.Snapshot) -> Path | str:
+        path = _save.write(snap, self.storage)
         try:
             self._retain()
         except OSError as e:
@@ -145,16 +214,22 @@ class CheckpointManager:
             pending.result()
 
     def _retain(self) -> None:
-        if self.keep_last is None:
-            return
-        with _layout.locked(self.root):
-            steps = _layout.committed_steps(self.root)
-            keep = set(steps[-self.keep_last :])
-            if self.keep_every is not None:
-                keep |= {s for s in steps if s % self.keep_every == 0}
-            for step in steps[:-1]:
-                if step not in keep:
-                    _layout.delete(self.root, step)
+        _root.retain(self.storage, keep_last=self.keep_last, keep_every=self.keep_every)
+
+    def drop_after(self, step: int) -> list[int]:
+        """Delete every committed checkpoint after ``step`` (to branch from it); returns the steps deleted.
+
+        Nothing is deleted unless asked: this is the one call that removes newer checkpoints.
+        ``latest`` then names the newest remaining one.
+        """
+        self.wait()
+        step = _save.as_step(step)
+        with self.storage.locked():
+            doomed = [s for s in self.steps() if s > step]
+            for s in reversed(doomed):
+                self.storage.remove(names.step_name(s))
+            _root.point_latest(self.storage)
+        return doomed
 
     def restore(
         self,
@@ -163,6 +238,7 @@ class CheckpointManager:
         *,
         scheduler: Stateful | None = None,
         scaler: Stateful | None = None,
+        states: Mapping[str, Any] | None = None,
         step: int | None = None,
         restore_rng: bool = True,
         map_location: Any = "cpu",
@@ -172,19 +248,22 @@ class CheckpointManager:
         """Load the newest committed checkpoint (or ``step``) into the given objects; None if there is none."""
         self.wait()
         if step is None:
-            path = self.latest()
-            if path is None:
+            found = _root.latest(self.storage)
+            if found is None:
                 return None
         else:
-            path = self.root / _layout.step_name(step)
-            if not (path / "manifest.json").is_file():
-                raise CheckpointNotFoundError(f"{path}: no committed checkpoint for step {step}; have {self.steps()}")
+            found = self.storage.child(names.step_name(step))
+            if found.kind(names.MANIFEST) != "file":
+                raise CheckpointNotFoundError(
+                    f"{found.location}: no committed checkpoint for step {step}; have {self.steps()}"
+                )
         return load_checkpoint(
-            path,
+            found,
             model,
             optimizer,
             scheduler=scheduler,
             scaler=scaler,
+            states=states,
             map_location=map_location,
             strict=strict,
             verify=verify,

@@ -4,14 +4,20 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
+import portable_ckpt
 from portable_ckpt import save_checkpoint
-from portable_ckpt.cli import escape, main
+from portable_ckpt.cli import main
+from portable_ckpt.report import escape
+
+VECTORS = Path(__file__).resolve().parent.parent / "format_spec" / "vectors"
 
 
 def run(argv):
@@ -113,3 +119,117 @@ def test_module_entry_point(ckpt):
         [sys.executable, "-m", "portable_ckpt", "validate", str(ckpt)], capture_output=True, text=True
     )
     assert proc.returncode == 0 and proc.stdout.startswith("ok ")
+
+
+def test_help_says_what_the_tool_does_and_shows_each_command_with_an_example():
+    code, out, err = run(["--help"])
+    assert (code, err) == (0, "")
+    assert out.startswith("usage: portable-ckpt [--traceback] COMMAND [ARGS...]\n\nInspect, validate and convert")
+    assert "  inspect    what a checkpoint holds                  portable-ckpt inspect checkpoints\n" in out
+    assert (
+        "  validate   verify checksums, schemas, headers       portable-ckpt validate checkpoints/step-00000100\n"
+        in out
+    )
+    assert "  convert    a format-0 checkpoint to format 1        portable-ckpt convert old-run/ checkpoints\n" in out
+    assert "  demo       train, SIGKILL, resume bit-identically   portable-ckpt demo --quantize int8\n" in out
+    assert "exit status: 0 ok, 1 invalid or unreadable checkpoint, 2 usage error." in out
+
+
+@pytest.mark.parametrize(
+    ("command", "prints", "status"),
+    [
+        ("inspect", "Prints the format version, step", "exit status: 0 described, 1 not found or unreadable"),
+        ("validate", 'Prints "ok       PATH" for a valid checkpoint', "exit status: 0 every checkpoint valid, 1 any"),
+        ("convert", "Prints the new checkpoint's path", "exit status: 0 converted, 1 unreadable source"),
+        ("demo", "print both loss curves and the verdict", "exit status: 0 PASS, 1 FAIL"),
+    ],
+)
+def test_each_command_help_says_what_it_prints_and_its_exit_status(command, prints, status):
+    code, out, _ = run([command, "--help"])
+    assert code == 0 and out.startswith(f"usage: portable-ckpt {command} ")
+    assert prints in out and status in out and "2 usage error" in out
+
+
+def test_convert_help_says_it_reads_format_0_only():
+    _, out, _ = run(["convert", "--help"])
+    assert "Convert a format-0 checkpoint" in out and "Only format 0 is read." in out
+
+
+def test_version():
+    assert run(["--version"]) == (0, f"portable-ckpt {portable_ckpt.__version__}\n", "")
+
+
+def _vector(name, tmp_path):
+    """A copy of a test vector, and its manifest's producer (it names the versions that generated it)."""
+    path = shutil.copytree(VECTORS / name, tmp_path / name, symlinks=True)
+    return path, json.loads((path / "manifest.json").read_text())["producer"]
+
+
+def test_inspect_json_of_a_test_vector_is_stable(tmp_path):
+    path, producer = _vector("valid-tied", tmp_path)
+    code, out, _ = run(["inspect", "--json", str(path)])
+    assert code == 0 and json.loads(out) == {
+        "path": str(path),
+        "format_version": 1,
+        "step": 7,
+        "created_at": "2025-01-01T00:00:00.000000Z",
+        "producer": producer,
+        "files": [
+            {"name": "config.json", "size": 34},
+            {"name": "model.safetensors", "size": 416},
+            {"name": "vocab.json", "size": 24},
+        ],
+        "tensors": [
+            {"dtype": "F32", "name": "emb.weight", "shape": [8, 4]},
+            {"dtype": "F32", "name": "lin.bias", "shape": [4]},
+            {"dtype": "F32", "name": "lin.weight", "shape": [4, 4]},
+        ],
+        "aliases": {"head.weight": "emb.weight"},
+        "rng": [],
+        "quantization": None,
+        "unknown_files": [],
+    }
+    assert out.startswith('{\n  "aliases": {\n    "head.weight": "emb.weight"\n  },\n')  # sorted keys, indent 2
+
+
+def test_inspect_text_of_a_test_vector_is_stable(tmp_path):
+    path, producer = _vector("valid-tied", tmp_path)
+    code, out, _ = run(["inspect", str(path)])
+    assert code == 0 and out == (
+        f"checkpoint      {path}\n"
+        "format_version  1\n"
+        "step            7\n"
+        "created_at      2025-01-01T00:00:00.000000Z\n"
+        f"producer        portable-ckpt {producer['version']}, torch {producer['torch']}\n"
+        "files\n"
+        "  config.json                              34 B\n"
+        "  model.safetensors                       416 B\n"
+        "  vocab.json                               24 B\n"
+        "tensors (3)\n"
+        "  emb.weight                               F32    [8, 4]\n"
+        "  lin.bias                                 F32    [4]\n"
+        "  lin.weight                               F32    [4, 4]\n"
+        "  head.weight                              -> emb.weight (tied)\n"
+        "quantization    none (full precision)\n"
+    )
+
+
+def test_validate_json_of_a_damaged_test_vector_is_stable(tmp_path):
+    path, _ = _vector("invalid-missing-file", tmp_path)
+    code, out, _ = run(["validate", "--json", str(path)])
+    assert code == 1 and json.loads(out) == {
+        "valid": False,
+        "checkpoints": [
+            {
+                "path": str(path),
+                "valid": False,
+                "problems": [
+                    {
+                        "error": "CheckpointNotFoundError",
+                        "file": f"{path}/optimizer.pt",
+                        "message": "optimizer.pt is listed in the manifest but missing",
+                    }
+                ],
+            }
+        ],
+    }

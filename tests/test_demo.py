@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import ast
 import io
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+import portable_ckpt
 from portable_ckpt import cli
 from portable_ckpt.demo import demo as _demo
 from portable_ckpt.demo.demo import Demo, first_difference, plan, run_demo
@@ -61,6 +65,25 @@ def test_first_difference_compares_bits_through_nested_state() -> None:
     same["model"]["w"] = torch.tensor([-0.0, 1.0])  # equal as numbers, not as bits
     assert first_difference(state, same, "x") == "x['model']['w'] differs"
     assert first_difference({"a": 1}, {"a": 2}, "x") == "x['a']: 1 vs 2"
+
+
+def test_the_demo_imports_only_public_names() -> None:
+    tree = ast.parse(Path(_demo.__file__).read_text(encoding="utf-8"))
+    modules = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    modules |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    assert {m for m in modules if m.split(".")[0] == "portable_ckpt"} == {
+        "portable_ckpt",
+        "portable_ckpt.demo",  # its trainer
+        "portable_ckpt.report",
+    }
+    from_package = {
+        a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module == "portable_ckpt" for a in n.names
+    }
+    assert from_package <= set(portable_ckpt.__all__)
+    # and importing the demo does not import the command line (the CLI imports the demo, lazily)
+    code = "import sys, portable_ckpt.demo.demo; print('portable_ckpt.cli' in sys.modules)"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert proc.stdout == "False\n"
 
 
 @pytest.mark.slow

@@ -104,8 +104,14 @@ def test_bad_config_is_refused_and_nothing_is_written(tmp_path, config, message)
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"step": -1}, r"step must be an int >= 0, found -1"),
-        ({"step": 1.5}, r"step must be an int >= 0, found 1.5"),
+        (
+            {"step": -1},
+            r"step must be an integer >= 0 \(int, NumPy integer or 0-d integer tensor\), found -1; pass the number",
+        ),
+        (
+            {"step": 1.5},
+            r"step must be an integer >= 0 \(int, NumPy integer or 0-d integer tensor\), found 1.5; pass the number",
+        ),
         ({"vocab": {"a": -1}}, r"vocab must be a list\[str\] or a dict\[str, int\]"),
         ({"vocab": [1, 2]}, r"vocab must be a list\[str\]"),
         ({"extra": {"x": math.nan}}, r"extra\['x'\] is nan"),

@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import TinyLM
 
-from portable_ckpt import CheckpointCorruptedError, convert, load_checkpoint
+from portable_ckpt import CheckpointCorruptedError, convert_format0, load_checkpoint
 from portable_ckpt.cli import main
 
 
@@ -37,7 +37,7 @@ def test_format0_loads_into_a_model(legacy, trained):
 
 def test_convert_writes_format1(legacy, trained, tmp_path):
     model, _ = trained
-    new = convert(legacy, tmp_path / "new")
+    new = convert_format0(legacy, tmp_path / "new")
     assert new == tmp_path / "new" / "step-00000042"
     ckpt = load_checkpoint(new)
     assert ckpt.format_version == 1 and ckpt.step == 42 and ckpt.vocab == ["a", "b"]

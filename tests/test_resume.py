@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 
-from portable_ckpt import CheckpointManager, load_checkpoint, prepare_model
+from portable_ckpt import CheckpointManager, load_checkpoint, prepare_model, validate_checkpoint
 from portable_ckpt.demo.trainer import (
     TrainConfig,
     build_vocab,
@@ -36,7 +36,6 @@ from portable_ckpt.demo.trainer import (
     quantized_base,
     read_loss_log,
 )
-from portable_ckpt.inspect import validate_checkpoint
 from portable_ckpt.quant.modules import QuantizedModule
 
 pytestmark = pytest.mark.slow
@@ -198,7 +197,7 @@ def test_sigkill_and_resume_is_bit_identical(
     manager = CheckpointManager(run_dir / "checkpoints", keep_last=SMALL.keep_last)
     assert manager.steps() == [newest - SMALL.save_every, newest]
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step-{newest:08d}"
-    assert validate_checkpoint(run_dir / "checkpoints") == []
+    assert validate_checkpoint(run_dir / "checkpoints").problems == ()
 
     # Restored into fresh objects here, a new process: everything equals what the killed process held
     # when it saved.
@@ -224,7 +223,7 @@ def test_sigkill_and_resume_is_bit_identical(
     assert trainer(run_dir, SMALL) == 0  # resume in a new process
     assert_same_run(run_dir, reference, SMALL.total_steps)
     assert manager.steps() == [12, 15]
-    assert validate_checkpoint(run_dir / "checkpoints") == []
+    assert validate_checkpoint(run_dir / "checkpoints").problems == ()
 
 
 def test_killed_at_the_last_step_resumes_to_nothing_left(reference: Path, tmp_path: Path) -> None:

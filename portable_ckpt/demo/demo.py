@@ -10,8 +10,6 @@ kill-and-resume comparison, a check that the integer weights never moved, and va
 
 from __future__ import annotations
 
-import argparse
-import io
 import os
 import re
 import signal
@@ -24,10 +22,9 @@ from typing import Any, TextIO
 
 import torch
 
-from portable_ckpt.cli import cmd_inspect, cmd_validate, human_size
+from portable_ckpt import inspect_checkpoint, load_checkpoint, validate_checkpoint
 from portable_ckpt.demo import trainer as _trainer
-from portable_ckpt.inspect import inspect_checkpoint
-from portable_ckpt.load import load_checkpoint
+from portable_ckpt.report import human_size, render_info, render_validation
 
 FLOAT_STEPS = 60
 THREADS = 1  # every training process uses the same count: it decides how float reductions are split
@@ -116,7 +113,7 @@ class Demo:
         if status != -signal.SIGKILL:
             self.say(f"FAILED: expected death by SIGKILL (exit status {-signal.SIGKILL}), got {status}")
             return False, None
-        resume_from = inspect_checkpoint(broken / "checkpoints")["step"]
+        resume_from = inspect_checkpoint(broken / "checkpoints").step
         self.say(f"killed by SIGKILL after step {kill_at}; newest committed checkpoint: step {resume_from}")
         self.say("resuming in a new process")
         if self.train(broken, "resumed", args, last_step=steps - 1) != 0:
@@ -180,13 +177,15 @@ class Demo:
 
     def inspect_and_validate(self, path: Path) -> bool:
         """``portable-ckpt inspect`` (tensor list shortened) and ``validate`` of the newest checkpoint in ``path``."""
-        latest = newest(path)
-        text = io.StringIO()
-        cmd_inspect(argparse.Namespace(path=str(latest), json=False), text)
-        for line in condensed(text.getvalue(), str(latest)):
+        info = inspect_checkpoint(path)
+        latest = str(info.path)
+        for line in condensed(render_info(info), latest):
             self.say(line)
         self.say(f"$ portable-ckpt validate {latest}")
-        return cmd_validate(argparse.Namespace(paths=[str(latest)], json=False), self.out) == 0
+        report = validate_checkpoint(latest)
+        self.out.write(render_validation([report]))
+        self.out.flush()
+        return report.valid
 
 
 def condensed(inspect_text: str, path: str, keep: int = 3) -> list[str]:
@@ -227,7 +226,7 @@ def first_difference(a: Any, b: Any, where: str) -> str | None:
 
 def newest(path: Path) -> Path:
     """The checkpoint directory ``path`` names: itself, or a root's newest committed checkpoint."""
-    return Path(inspect_checkpoint(path)["path"])
+    return Path(inspect_checkpoint(path).path)
 
 
 def _model_size(path: Path) -> int:

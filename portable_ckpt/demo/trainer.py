@@ -37,12 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from portable_ckpt.errors import CheckpointError
-from portable_ckpt.load import load_checkpoint, prepare_model
-from portable_ckpt.manager import CheckpointManager
+from portable_ckpt import CheckpointError, CheckpointManager, load_checkpoint, prepare_model, quantize, save_checkpoint
 from portable_ckpt.quant.modules import QuantizedModule
-from portable_ckpt.quant.quantize import quantize
-from portable_ckpt.save import save_checkpoint
 
 LOSSES_FILE = "losses.jsonl"
 
@@ -465,7 +461,7 @@ def export_ptq(
         model = make_model(config_from(ckpt.config), len(vocab))
     model.load_state_dict(ckpt.model_state)
     quantize(model, bits=bits, group_size=group_size, symmetric=symmetric, ignore=FLOAT_MODULES)
-    return save_checkpoint(model, None, ckpt.config, vocab, ckpt.step, directory)
+    return Path(save_checkpoint(model, None, ckpt.config, vocab, ckpt.step, directory))
 
 
 def eval_loss(path: str | Path, *, batches: int = 8) -> float:

@@ -10,16 +10,17 @@ from typing import Any
 
 import torch
 
-from portable_ckpt.errors import CheckpointCorruptedError, UnsupportedFormatVersionError
+from portable_ckpt.errors import CheckpointCorruptedError, CheckpointInputError, UnsupportedFormatVersionError
 from portable_ckpt.format import jsonio as _jsonio
 from portable_ckpt.format import schemas as _schemas
 from portable_ckpt.format.hashing import ALGORITHM, checksum
 from portable_ckpt.storage import local as _layout
+from portable_ckpt.version import __version__
 
 FORMAT = "portable-ckpt"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
-LIBRARY_VERSION = "0.1.0"
+LIBRARY_VERSION = __version__  # the producer version written into every manifest
 
 
 def now() -> str:
@@ -79,6 +80,8 @@ def build(
     quantization: dict[str, Any] | None,
     extra: dict[str, Any] | None,
 ) -> dict[str, Any]:
+    if type(step) is not int or not 0 <= step < _jsonio.INT_END:
+        raise CheckpointInputError(f"step must be an int in [0, 2**64), found {step!r}")
     doc: dict[str, Any] = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
