@@ -34,6 +34,17 @@ def outcomes(lines: list[str]) -> dict[int, dict[str, str]]:
     return {r["step"]: r for r in map(json.loads, lines[:-1])}
 
 
+def assert_nothing_left(root: Path) -> None:
+    """The writers have finished: they left no temporary and no checkpoint moved aside (``.replaced-*``), and
+    a CheckpointManager opening the root, as the next run would, finds nothing to put back or remove."""
+    assert faults.leftovers(root) == []
+    before = sorted(p.name for p in root.glob("step-*"))
+    result = faults.TrialResult("reopened after the writers finished", [], None)
+    faults.reopen(root, result)
+    assert result.problems == []
+    assert sorted(p.name for p in root.glob("step-*")) == before
+
+
 def committed_values(root: Path) -> dict[int, str]:
     """step -> the writer whose state it holds, for every committed checkpoint (all values checked)."""
     found = {}
@@ -56,7 +67,7 @@ def test_two_writers_different_steps(tmp_path: Path) -> None:
     assert all(r["outcome"] == "saved" for r in [*outcomes(a).values(), *outcomes(b).values()])
     assert committed_values(root) == {s: "A" if s % 2 else "B" for s in range(1, 2 * n + 1)}
     assert faults.latest_name(root) == f"step-{2 * n:08d}"
-    assert faults.leftovers(root) == []
+    assert_nothing_left(root)
     counts = json.loads(reader[-1])
     assert counts["bad"] == [] and counts["loaded"] > 0 and counts["latest_checked"] > 0, counts
 
@@ -80,7 +91,7 @@ def test_two_writers_same_steps(tmp_path: Path) -> None:
         assert f"step-{step:08d}: a checkpoint for step {step} already exists" in loser["message"]
         assert winners[step] == ("A" if a_out[step]["outcome"] == "saved" else "B")  # never a mix
     assert faults.latest_name(root) == f"step-{n:08d}"
-    assert faults.leftovers(root) == []
+    assert_nothing_left(root)
     counts = json.loads(reader[-1])
     assert counts["bad"] == [] and counts["loaded"] > 0, counts
 
@@ -109,7 +120,7 @@ def test_reader_never_sees_a_partial_checkpoint_during_retention(tmp_path: Path,
     assert counts["bad"] == [], counts["bad"][:10]
     assert counts["loaded"] > 0, counts
     assert sorted(committed_values(root)) == list(range(n - keep_last + 1, n + 1))
-    assert faults.leftovers(root) == []
+    assert_nothing_left(root)
 
 
 @pytest.mark.parametrize("verify", [True, False], ids=["verify", "no-verify"])
@@ -134,7 +145,7 @@ def test_readers_during_overwrites_see_one_whole_checkpoint(tmp_path: Path, veri
         assert counts["bad"] == [], counts["bad"][:5]
         assert counts["loaded"] > 0, counts
     assert set(committed_values(root)) == {5}
-    assert faults.leftovers(root) == []
+    assert_nothing_left(root)
 
 
 # --- the same races, made deterministic: the other process acts right after the reader opens a file --------

@@ -1,6 +1,6 @@
 """The corruption sweep: every file of a checkpoint, the manifest included, damaged in every way of the
-catalog in ``faults.py`` (truncations, byte flips, deletion, invalid JSON, schema violations, wrong types,
-hostile safetensors headers, hostile pickles, symlinks).
+catalog in ``faults/corruption.py`` (truncations, byte flips, deletion, invalid JSON, schema violations,
+wrong types, hostile safetensors headers, hostile pickles, symlinks).
 
 Each case is tried as damaged and, when the damage is structural, again with every size and checksum
 recomputed the way an attacker would; each variant is loaded with verify=True (must raise

@@ -9,6 +9,7 @@ of a save) or when the child reports beginning a random step (wherever it has go
 
 from __future__ import annotations
 
+import os
 import random
 import shutil
 import subprocess
@@ -16,6 +17,7 @@ import sys
 from pathlib import Path
 
 import faults
+import pytest
 
 import portable_ckpt as pc
 
@@ -25,9 +27,8 @@ STEPS = 4
 def run_trials(tmp_path: Path, seed: int, kinds: list[str]) -> list[faults.TrialResult]:
     rng = random.Random(seed)
     ops = faults.count_ops(tmp_path / "count", STEPS)
-    server = faults.fork_server()
     return [
-        server.trial(tmp_path / f"trial{i}", rng, kind=kind, steps=STEPS, ops_per_run=ops)
+        faults.crash_trial(tmp_path / f"trial{i}", rng, kind=kind, steps=STEPS, ops_per_run=ops)
         for i, kind in enumerate(kinds)
     ]
 
@@ -75,13 +76,41 @@ def test_temporaries_are_never_loaded_and_are_removed_on_open(tmp_path: Path) ->
     (root / "step-00000010").mkdir()  # a step directory without manifest.json: incomplete
     (root / "step-00000010" / "model.safetensors").write_bytes(b"partial")
     (root / "latest").write_text(f"{crashed.name}\n")
-    alive = root / f".tmp-step-00000011-{faults.os.getppid()}-cafecafe"  # a save running in another process
+    alive = root / f".tmp-step-00000011-{os.getppid()}-cafecafe"  # a save running in another process
     alive.mkdir()
     assert faults.load_values(root) == (2, [])
     assert pc.CheckpointManager(root).latest() == root / "step-00000002"
     pc.CheckpointManager(root)  # opening the root cleans up after the dead writer
     assert faults.leftovers(root) == [alive.name]
     assert faults.load_values(root) == (2, [])
+
+
+@pytest.mark.parametrize("owner", ["dead", "alive"])
+def test_a_checkpoint_moved_aside_is_put_back_or_reported(tmp_path: Path, owner: str) -> None:
+    """What an overwrite killed between its two renames leaves: step 2 moved aside as .replaced-*, no step 2.
+    The next CheckpointManager puts it back when its writer is dead; the check after every crash trial
+    (faults.reopen) passes then, and reports the step lost and the .replaced-* leaked when it could not be
+    put back (here: its writer, our parent process, is alive, so the manager must leave it alone)."""
+    root = tmp_path / "root"
+    for step in (1, 2):
+        faults.save_step(root, step)
+    pid = dead_pid() if owner == "dead" else os.getppid()
+    aside = root / f".replaced-step-00000002-{pid}-0badc0de"
+    (root / "step-00000002").rename(aside)
+    assert faults.moved_aside(root) == {aside.name: "step-00000002"}
+    result = faults.TrialResult("overwrite killed between its renames", [], None)
+    faults.reopen(root, result)
+    if owner == "dead":
+        assert result.problems == []
+        assert faults.leftovers(root) == [] and faults.load_values(root) == (2, [])
+        return
+    assert result.other == [
+        "checkpoints an overwrite moved aside were neither put back nor removed after CheckpointManager opened "
+        f"the root: [{aside.name!r}]"
+    ]
+    [lost] = result.lost
+    assert lost.startswith(f"step-00000002 lost: it was moved aside as {aside.name} and not put back: ")
+    assert result.silent == [] and result.unexpected == [] and not result.ok
 
 
 def test_resume_after_a_crash_between_commit_and_latest(tmp_path: Path) -> None:

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import random
 
+import numpy as np
 import pytest
 import torch
 from conftest import OPTIMIZERS, TinyLM, train_some
 from safetensors import safe_open
 
 from portable_ckpt import load_checkpoint, save_checkpoint
+from portable_ckpt.format import manifest as _manifest
 
 DTYPES = [
     torch.float32,
@@ -163,15 +166,32 @@ def test_files_read_by_the_official_safetensors_library(tmp_path, trained):
 
 
 def test_manifest_is_deterministic_apart_from_time(tmp_path, trained):
-    model, _ = trained
-    a = save_checkpoint(model, None, {"b": 1, "a": 2}, None, 0, tmp_path / "a")
-    b = save_checkpoint(model, None, {"a": 2, "b": 1}, None, 0, tmp_path / "b")
-    assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
+    """Two saves of one state (the config's keys in another order) write the same bytes: every file, and the
+    whole manifest but for created_at (and manifest_checksum, which covers it)."""
+    model, optimizer = trained
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=10)
+    saves = []
+    for name, config in (("a", {"b": 1, "a": 2}), ("b", {"a": 2, "b": 1})):
+        random.seed(7)  # the RNG state saved is the same too
+        np.random.seed(7)
+        torch.manual_seed(7)
+        saves.append(
+            save_checkpoint(
+                model, optimizer, config, ["x", "y"], 3, tmp_path / name, scheduler=scheduler, extra={"epoch": 1}
+            )
+        )
+    a, b = saves
     assert (a / "config.json").read_bytes() == b'{"a":2,"b":1}\n'
-    ma, mb = (json.loads((p / "manifest.json").read_text()) for p in (a, b))
-    for m in (ma, mb):
-        m.pop("created_at"), m.pop("manifest_checksum")
-    assert ma["files"]["model.safetensors"] == mb["files"]["model.safetensors"]
+    files = sorted(p.name for p in a.iterdir())
+    assert files == sorted(p.name for p in b.iterdir())
+    assert [f for f in files if (a / f).read_bytes() != (b / f).read_bytes()] == ["manifest.json"]
+    ma, mb = (json.loads((p / "manifest.json").read_bytes()) for p in (a, b))
+    timeless = [{k: v for k, v in m.items() if k not in ("created_at", "manifest_checksum")} for m in (ma, mb)]
+    assert timeless[0] == timeless[1]
+    assert set(ma) - set(timeless[0]) == {"created_at", "manifest_checksum"}
+    assert sorted(ma["files"]) == sorted(f for f in files if f != "manifest.json")
+    # byte for byte: b's manifest at a's time is a's manifest (same canonical JSON, so the same checksum)
+    assert _manifest.encode({**mb, "created_at": ma["created_at"]}) == (a / "manifest.json").read_bytes()
 
 
 def test_load_fills_the_models_own_tensors(tmp_path, trained):

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
+import re
+from importlib import resources
 from pathlib import Path
 
 import pytest
@@ -52,10 +55,39 @@ def fresh_losses(cfg: TrainConfig, steps: int) -> list[float]:
     return [loss for _, loss in train_steps(model, optimizer, scheduler, train_data, cfg, range(steps))]
 
 
-def test_shipped_text_is_plain_ascii_of_the_documented_size() -> None:
+DATA = resources.files("portable_ckpt") / "demo" / "data"
+SIZE_ROW = re.compile(
+    r"([0-9,]+) bytes, ([0-9,]+) lines, ([0-9]+) distinct characters, plain ASCII, `\\n` line endings, "
+    r"ends with a newline"
+)
+
+
+def readme_table() -> dict[str, str]:
+    """The rows of the data README's two-column table: first cell -> second cell."""
+    rows = {}
+    for line in (DATA / "README.md").read_text(encoding="utf-8").splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("|") and len(cells) == 2 and cells[0] and set(cells[0]) != {"-"}:
+            rows[cells[0]] = cells[1]
+    return rows
+
+
+def test_shipped_text_is_what_its_readme_promises() -> None:
+    """SHA-256, size, line and character counts of shakespeare.txt, read from the README's table (the two
+    cannot drift apart), and the trainer reads exactly those bytes."""
+    table = readme_table()
+    digest = re.fullmatch(r"`([0-9a-f]{64})`", table["SHA-256"])
+    size = SIZE_ROW.fullmatch(table["Size"])
+    source = re.search(r"The first ([0-9,]+) characters", table["Source"])
+    assert digest and size and source, table
+    blob = (DATA / "shakespeare.txt").read_bytes()
+    assert hashlib.sha256(blob).hexdigest() == digest.group(1)
+    assert len(blob) == int(size.group(1).replace(",", "")) == int(source.group(1).replace(",", ""))
+    assert blob.count(b"\n") == int(size.group(2).replace(",", ""))
+    assert blob.isascii() and b"\r" not in blob and blob.endswith(b"\n")
+    assert len(set(blob)) == int(size.group(3))
     text = load_text()
-    assert len(text) == 111_902
-    assert text.isascii()
+    assert text == blob.decode("ascii")
     assert text.startswith("First Citizen:\nBefore we proceed any further, hear me speak.\n")
     assert text.endswith("as one would set up a top.\n")
 
