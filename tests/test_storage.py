@@ -119,7 +119,7 @@ def test_manifest_last_without_manifest_is_not_committed_and_is_cleaned():
         STORE.objects[f"/run/step-00000002/{name}"] = STORE.objects[f"/run/step-00000001/{name}"]
     STORE.objects["/run/.pending-step-00000002-999999999-0123abcd"] = b""  # its writer's pid is gone
     assert load_checkpoint("memory://run").step == 1
-    with pytest.raises(CheckpointNotFoundError, match="manifest.json is missing; the checkpoint is incomplete"):
+    with pytest.raises(CheckpointNotFoundError, match=r"manifest\.json is missing; the checkpoint is incomplete"):
         load_checkpoint("memory://run/step-00000002")
     CheckpointManager(root)
     assert sorted(STORE.objects) == [
