@@ -4,10 +4,11 @@
 >>> path = save_checkpoint(model, optimizer, config, vocab, step)   # doctest: +SKIP
 >>> ckpt = load_checkpoint(path, model=model, optimizer=optimizer)  # doctest: +SKIP
 
-Text rendering of inspect and validate results is in ``portable_ckpt.report``.
+Text rendering of inspect, validate, list and diff results is in ``portable_ckpt.report``.
 """
 
 from portable_ckpt.convert.format0 import convert_format0
+from portable_ckpt.diff import diff_checkpoints
 from portable_ckpt.errors import (
     CheckpointCorruptedError,
     CheckpointError,
@@ -22,39 +23,65 @@ from portable_ckpt.errors import (
 )
 from portable_ckpt.format.manifest import FORMAT_VERSION
 from portable_ckpt.inspect import inspect_checkpoint, validate_checkpoint
+from portable_ckpt.listing import list_checkpoints
 from portable_ckpt.load import load_checkpoint, prepare_model
 from portable_ckpt.manager import CheckpointManager, SaveHandle
 from portable_ckpt.quant.quantize import is_quantized, quantize
 from portable_ckpt.reader import CheckpointReader, open_checkpoint
 from portable_ckpt.save import save_checkpoint
-from portable_ckpt.types import Checkpoint, CheckpointInfo, FileInfo, Problem, TensorInfo, ValidationReport
+from portable_ckpt.types import (
+    Checkpoint,
+    CheckpointDiff,
+    CheckpointEntry,
+    CheckpointInfo,
+    CheckpointListing,
+    CommittedStep,
+    FileChange,
+    FileInfo,
+    Leftover,
+    Problem,
+    TensorDiff,
+    TensorInfo,
+    ValidationReport,
+    ValueChange,
+)
 from portable_ckpt.version import __version__
 
 __all__ = [
     "FORMAT_VERSION",
     "Checkpoint",
     "CheckpointCorruptedError",
+    "CheckpointDiff",
+    "CheckpointEntry",
     "CheckpointError",
     "CheckpointExistsError",
     "CheckpointInfo",
     "CheckpointInputError",
+    "CheckpointListing",
     "CheckpointManager",
     "CheckpointNotFoundError",
     "CheckpointReader",
     "CheckpointUnsafeError",
     "CheckpointWriteError",
+    "CommittedStep",
+    "FileChange",
     "FileInfo",
+    "Leftover",
     "Problem",
     "QuantizationMetadataError",
     "SaveHandle",
     "StateMismatchError",
+    "TensorDiff",
     "TensorInfo",
     "UnsupportedFormatVersionError",
     "ValidationReport",
+    "ValueChange",
     "__version__",
     "convert_format0",
+    "diff_checkpoints",
     "inspect_checkpoint",
     "is_quantized",
+    "list_checkpoints",
     "load_checkpoint",
     "open_checkpoint",
     "prepare_model",

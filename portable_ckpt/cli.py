@@ -1,7 +1,8 @@
 """The ``portable-ckpt`` command: parse arguments, call the library, report.
 
-Exit status: 0 success, 1 invalid or unreadable checkpoint, 2 usage error. Data goes to stdout,
-diagnostics to stderr; tracebacks only with ``--traceback``.
+Exit status: 0 success, 1 invalid or unreadable checkpoint, 2 usage error (``diff``: 0 identical,
+1 different, 2 usage error or unreadable, as diff(1)). Data goes to stdout, diagnostics and progress
+(only on a terminal) to stderr; tracebacks only with ``--traceback``.
 """
 
 from __future__ import annotations
@@ -14,22 +15,41 @@ import traceback
 from collections.abc import Callable, Sequence
 from typing import Any, TextIO
 
-from portable_ckpt import CheckpointError, convert_format0, inspect_checkpoint, validate_checkpoint
-from portable_ckpt.report import escape, render_info, render_validation
+from portable_ckpt import (
+    CheckpointError,
+    convert_format0,
+    diff_checkpoints,
+    inspect_checkpoint,
+    list_checkpoints,
+    validate_checkpoint,
+)
+from portable_ckpt.report import (
+    ProgressLine,
+    escape,
+    render_diff,
+    render_info,
+    render_listing,
+    render_validation,
+)
+from portable_ckpt.types import Progress
 from portable_ckpt.version import __version__
 
 EXIT_OK, EXIT_INVALID, EXIT_USAGE = 0, 1, 2
 
+Command = Callable[[argparse.Namespace, TextIO, TextIO], int]  # (arguments, stdout, stderr) -> exit status
+
 DESCRIPTION = """\
-Inspect, validate and convert portable-ckpt checkpoints: PyTorch training checkpoints stored as a
-directory of safetensors weights and JSON metadata, with a format version and a checksum for every
-file. PATH is a checkpoint directory (step-NNNNNNNN/) or a checkpoints root, which means its newest
-committed checkpoint."""
+Inspect, validate and convert portable-ckpt checkpoints, list those of a root and compare two:
+PyTorch training checkpoints stored as a directory of safetensors weights and JSON metadata, with a
+format version and a checksum for every file. PATH is a checkpoint directory (step-NNNNNNNN/) or a
+checkpoints root, which means its newest committed checkpoint."""
 
 # name -> (what it does, an example): the command list of ``portable-ckpt --help``
 COMMANDS = {
     "inspect": ("what a checkpoint holds", "portable-ckpt inspect checkpoints"),
+    "list": ("every checkpoint of a root, checked", "portable-ckpt list checkpoints"),
     "validate": ("verify checksums, schemas, headers", "portable-ckpt validate checkpoints/step-00000100"),
+    "diff": ("what differs between two checkpoints", "portable-ckpt diff run-a/checkpoints run-b/checkpoints"),
     "convert": ("a format-0 checkpoint to format 1", "portable-ckpt convert old-run/ checkpoints"),
     "demo": ("train, SIGKILL, resume bit-identically", "portable-ckpt demo --quantize int8"),
 }
@@ -38,17 +58,32 @@ EPILOG = (
     "commands (portable-ckpt COMMAND --help says what each prints):\n"
     + "".join(f"  {name:10} {summary:40} {example}\n" for name, (summary, example) in COMMANDS.items())
     + """
-exit status: 0 ok, 1 invalid or unreadable checkpoint, 2 usage error.
-Data goes to stdout, diagnostics to stderr; --traceback also prints the traceback of a known error."""
+exit status: 0 ok, 1 invalid or unreadable checkpoint, 2 usage error (diff: 0 identical, 1 different).
+Data goes to stdout, diagnostics to stderr (with progress, when it is a terminal); --traceback also
+prints the traceback of a known error."""
 )
 
 INSPECT = """\
 Describe the checkpoint at PATH from its manifest and safetensors header, without reading tensor
 data or verifying checksums (validate does that). Prints the format version, step, creation time,
 producer, every file with its size, every tensor with its dtype and shape, tied names, and the
-quantization summary; with --json, one JSON object with the same fields.
+quantization summary; with --json, one JSON object with the same fields. Given a checkpoints root,
+it first lists the root's committed checkpoints by step, the latest (the one described) marked; the
+JSON object then also has "checkpoints": [{"step", "name", "path", "latest"}].
 
 exit status: 0 described, 1 not found or unreadable (the reason on stderr), 2 usage error"""
+
+LIST = """\
+List every committed checkpoint of the checkpoints root ROOT (a path or a memory:// URL), one line
+each: its step, creation time, total size, quantization (mode and bits, or no), whether it is valid
+(every file checked as validate does; with --fast only its manifest), and the latest marked, with
+each problem of an invalid one below it. What ROOT holds that is not a checkpoint (temporaries of
+saves in progress or crashed, step directories without manifest.json) is listed after, as such.
+With --json, one JSON object {"root", "valid", "latest", "checkpoints": [{"step", "name", "path",
+"created_at", "size", "quantization", "latest", "verified", "valid", "problems"}], "uncommitted":
+[{"name", "path", "kind", "reason"}]}.
+
+exit status: 0 every checkpoint valid, 1 any invalid or ROOT unreadable, 2 usage error"""
 
 VALIDATE = """\
 Check each checkpoint as a load would, and more: the manifest and every JSON file against the
@@ -58,6 +93,18 @@ quantization metadata. Prints "ok       PATH" for a valid checkpoint, else one l
 {"valid": ..., "checkpoints": [{"path": ..., "valid": ..., "problems": [{"file", "message", "error"}]}]}.
 
 exit status: 0 every checkpoint valid, 1 any invalid, 2 usage error"""
+
+DIFF = """\
+Compare the checkpoints A and B (checkpoint directories, or roots: their newest; local paths and
+memory:// URLs in any mix). Prints the tensors added, removed and changed (in dtype or shape, or in
+value: how many elements differ and the largest absolute difference; bitwise-equal tensors count as
+equal), the differences in step, config, vocab, extra, tied names and quantization summary as JSON
+paths ("config['optim']['lr']: 0.1 -> 0.2"), the other files whose bytes differ (optimizer, RNG
+state, ...), then "identical" or "different". Every tensor is verified against its checksum as it is
+read, and compared a chunk at a time; creation time and producer are not compared. With --json, one
+JSON object {"identical", "a", "b", "tensors", "values", "files"}.
+
+exit status: 0 identical, 1 different, 2 usage error or unreadable checkpoint (as diff(1))"""
 
 CONVERT = """\
 Convert a format-0 checkpoint (the layout before this library: model.pt, metadata.json and optionally
@@ -72,7 +119,8 @@ Train the shipped reference model (a small character-level transformer) twice in
 once uninterrupted and once killed with SIGKILL between two saves and resumed in a new process;
 print both loss curves and the verdict (bit-identical, or the first step that differs), then inspect
 and validate the final checkpoint. --quantize adds a quantized copy and LoRA fine-tuning of it, also
-killed and resumed. Each run writes a new DIR/run-NNN and deletes nothing.
+killed and resumed. Each run writes a new DIR/run-NNN and deletes nothing; with the plot extra
+(pip install 'portable-ckpt[plot]') it also draws the loss curves as DIR/run-NNN/losses.png.
 
 exit status: 0 PASS, 1 FAIL (a difference or an invalid checkpoint), 2 usage error"""
 
@@ -81,7 +129,12 @@ def _print_json(doc: Any, out: TextIO) -> None:
     out.write(json.dumps(doc, sort_keys=True, indent=2, ensure_ascii=True) + "\n")
 
 
-def cmd_inspect(args: argparse.Namespace, out: TextIO) -> int:
+def _labelled(progress: Progress, prefix: str) -> Progress:
+    """``progress`` with each label prefixed by ``prefix: ``."""
+    return lambda done, total, label: progress(done, total, f"{prefix}: {label}")
+
+
+def cmd_inspect(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     info = inspect_checkpoint(args.path)
     if args.json:
         _print_json(info.to_json(), out)
@@ -90,8 +143,19 @@ def cmd_inspect(args: argparse.Namespace, out: TextIO) -> int:
     return EXIT_OK
 
 
-def cmd_validate(args: argparse.Namespace, out: TextIO) -> int:
-    reports = [validate_checkpoint(p) for p in args.paths]
+def cmd_list(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    with ProgressLine(err, prefix="list") as progress:
+        listing = list_checkpoints(args.root, verify=not args.fast, progress=progress)
+    if args.json:
+        _print_json(listing.to_json(), out)
+    else:
+        out.write(render_listing(listing))
+    return EXIT_OK if listing.valid else EXIT_INVALID
+
+
+def cmd_validate(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    with ProgressLine(err, prefix="validate") as progress:
+        reports = [validate_checkpoint(p, progress=_labelled(progress, p)) for p in args.paths]
     valid = all(r.valid for r in reports)
     if args.json:
         _print_json({"valid": valid, "checkpoints": [r.to_json() for r in reports]}, out)
@@ -100,13 +164,23 @@ def cmd_validate(args: argparse.Namespace, out: TextIO) -> int:
     return EXIT_OK if valid else EXIT_INVALID
 
 
-def cmd_convert(args: argparse.Namespace, out: TextIO) -> int:
+def cmd_diff(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    with ProgressLine(err, prefix="diff") as progress:
+        diff = diff_checkpoints(args.a, args.b, progress=progress)
+    if args.json:
+        _print_json(diff.to_json(), out)
+    else:
+        out.write(render_diff(diff))
+    return EXIT_OK if diff.identical else EXIT_INVALID
+
+
+def cmd_convert(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     path = convert_format0(args.src, args.dst, overwrite=args.overwrite)
     out.write(f"{escape(str(path))}\n")
     return EXIT_OK
 
 
-def cmd_demo(args: argparse.Namespace, out: TextIO) -> int:
+def cmd_demo(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     from portable_ckpt.demo.demo import run_demo  # imports the trainer; only the demo needs it
 
     return run_demo(args.dir, quantize=args.quantize, out=out)
@@ -126,21 +200,29 @@ def build_parser() -> argparse.ArgumentParser:
     # the epilog lists the commands with examples; argparse's own list would repeat it
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", help=argparse.SUPPRESS)
 
-    def command(
-        name: str, description: str, run: Callable[[argparse.Namespace, TextIO], int]
-    ) -> argparse.ArgumentParser:
+    def command(name: str, description: str, run: Command, error_status: int = EXIT_INVALID) -> argparse.ArgumentParser:
         p = sub.add_parser(
             name, prog=f"portable-ckpt {name}", help=COMMANDS[name][0], description=description, formatter_class=raw
         )
-        p.set_defaults(run=run)
+        p.set_defaults(run=run, error_status=error_status)
         return p
 
     p = command("inspect", INSPECT, cmd_inspect)
     p.add_argument("path", metavar="PATH", help="a checkpoint directory or a checkpoints root")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
+    p = command("list", LIST, cmd_list)
+    p.add_argument("root", metavar="ROOT", help="a checkpoints root (a directory or a memory:// URL)")
+    p.add_argument("--fast", action="store_true", help="check only each manifest, not every file's checksum")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
     p = command("validate", VALIDATE, cmd_validate)
     p.add_argument("paths", nargs="+", metavar="PATH", help="checkpoint directories or checkpoints roots")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+    p = command("diff", DIFF, cmd_diff, error_status=EXIT_USAGE)  # 1 means "different", as for diff(1)
+    p.add_argument("a", metavar="A", help="a checkpoint directory or a checkpoints root")
+    p.add_argument("b", metavar="B", help="a checkpoint directory or a checkpoints root")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
     p = command("convert", CONVERT, cmd_convert)
@@ -162,14 +244,14 @@ def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None, err: T
             args = build_parser().parse_args(argv)
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else EXIT_USAGE
-    run: Callable[[argparse.Namespace, TextIO], int] = args.run
+    run: Command = args.run
     try:
-        return run(args, out)
+        return run(args, out, err)
     except CheckpointError as e:
         if args.traceback:
             traceback.print_exc(file=err)
         err.write(f"portable-ckpt {args.command}: {type(e).__name__}: {escape(str(e))}\n")
-        return EXIT_INVALID
+        return int(args.error_status)
 
 
 if __name__ == "__main__":

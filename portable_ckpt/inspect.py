@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import Any
@@ -12,11 +13,13 @@ from portable_ckpt.files import CheckpointFiles, read_quantization
 from portable_ckpt.format import names
 from portable_ckpt.format import safetensors as _safetensors
 from portable_ckpt.load import read_checkpoint
-from portable_ckpt.root import display, resolve
-from portable_ckpt.types import CheckpointInfo, FileInfo, Problem, TensorInfo, ValidationReport
+from portable_ckpt.root import basename, committed_steps, display, resolve
+from portable_ckpt.storage import Storage, storage_for
+from portable_ckpt.types import CheckpointInfo, CommittedStep, FileInfo, Problem, Progress, TensorInfo, ValidationReport
 
 
-def _problem(e: CheckpointError, fallback: str) -> Problem:
+def problem_from(e: CheckpointError, fallback: str) -> Problem:
+    """The problem an error reports: the file its message starts with (else ``fallback``), and the rest."""
     text = str(e)
     file, sep, message = text.partition(": ")
     if not sep or ("/" not in file and "." not in file):
@@ -24,57 +27,89 @@ def _problem(e: CheckpointError, fallback: str) -> Problem:
     return Problem(file=file, message=message, error=type(e).__name__)
 
 
-def validate_checkpoint(path: str | os.PathLike[str]) -> ValidationReport:
+def validate_checkpoint(path: str | os.PathLike[str], *, progress: Progress | None = None) -> ValidationReport:
     """Every problem found in the checkpoint (or a root's newest checkpoint) at ``path``; never raises
     CheckpointError. Each damaged file is one problem; with every file intact, the first structural one.
+
+    progress: called as ``progress(done, total, file_name)`` before each file is verified.
 
     >>> report = validate_checkpoint("checkpoints")  # doctest: +SKIP
     >>> report.valid, [(p.file, p.error) for p in report.problems]  # doctest: +SKIP
     (True, [])
     """
-    return ValidationReport(path=path if isinstance(path, str) else Path(path), problems=tuple(_problems(path)))
+    problems = tuple(_problems(path, progress))
+    return ValidationReport(path=path if isinstance(path, str) else Path(path), problems=problems)
 
 
-def _problems(path: str | os.PathLike[str]) -> list[Problem]:
+def _problems(path: str | os.PathLike[str], progress: Progress | None) -> list[Problem]:
     try:
         directory = resolve(path)
     except CheckpointError as e:
-        return [_problem(e, str(path))]
+        return [problem_from(e, str(path))]
     if directory.kind(names.MANIFEST) is None:
         try:
             _legacy.read(directory)
         except CheckpointError as e:
-            return [_problem(e, directory.location)]
+            return [problem_from(e, directory.location)]
         return []
     try:
         files = CheckpointFiles(directory, verify=True)
     except CheckpointError as e:
-        return [_problem(e, f"{directory.location}/{names.MANIFEST}")]
+        return [problem_from(e, f"{directory.location}/{names.MANIFEST}")]
     problems: list[Problem] = []
     with files:
-        for name in sorted(files.entries):  # every file's kind, size and checksum, each reported
+        listed = sorted(files.entries)
+        for done, name in enumerate(listed):  # every file's kind, size and checksum, each reported
+            if progress is not None:
+                progress(done, len(listed), name)
             try:
                 files.verify_file(name)
             except CheckpointError as e:
-                problems.append(_problem(e, files.label(name)))
+                problems.append(problem_from(e, files.label(name)))
     if problems:
         return problems
     try:  # then every structural check a load makes, on the verified files
         read_checkpoint(directory, verify=False)
     except CheckpointError as e:
-        return [_problem(e, directory.location)]
+        return [problem_from(e, directory.location)]
     return []
 
 
 def inspect_checkpoint(path: str | os.PathLike[str]) -> CheckpointInfo:
     """Describe the checkpoint (or a root's newest checkpoint) at ``path`` from its manifest and headers
     only: no tensor data is read and checksums are not verified (``validate_checkpoint`` does that).
+    Given a root, ``checkpoints`` lists its committed checkpoints too.
 
     >>> info = inspect_checkpoint("checkpoints")  # doctest: +SKIP
     >>> info.step, [(t.name, t.dtype, t.shape) for t in info.tensors][:1]  # doctest: +SKIP
     (100, [('emb.weight', 'F32', (61, 96))])
+    >>> [(c.step, c.latest) for c in info.checkpoints]  # doctest: +SKIP
+    [(50, False), (100, True)]
     """
-    directory = resolve(path)
+    storage = storage_for(path)
+    directory = resolve(storage)
+    info = _describe(directory)
+    if directory.location == storage.location:
+        return info
+    return dataclasses.replace(info, checkpoints=_committed(storage, directory))
+
+
+def _committed(root: Storage, newest: Storage) -> tuple[CommittedStep, ...]:
+    """The root's committed checkpoints by step; ``newest`` (what the root resolved to) is marked latest."""
+    steps = committed_steps(root)
+    chosen = basename(newest)
+    return tuple(
+        CommittedStep(
+            step=s,
+            name=names.step_name(s),
+            path=display(root.child(names.step_name(s))),
+            latest=names.step_name(s) == chosen,
+        )
+        for s in steps
+    )
+
+
+def _describe(directory: Storage) -> CheckpointInfo:
     if directory.kind(names.MANIFEST) is None:
         ckpt = _legacy.read(directory)
         return CheckpointInfo(

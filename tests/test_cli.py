@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import shutil
@@ -13,9 +14,9 @@ import pytest
 import torch
 
 import portable_ckpt
-from portable_ckpt import save_checkpoint
+from portable_ckpt import cli, save_checkpoint
 from portable_ckpt.cli import main
-from portable_ckpt.report import escape
+from portable_ckpt.report import ProgressLine, escape
 
 VECTORS = Path(__file__).resolve().parent.parent / "format_spec" / "vectors"
 
@@ -125,14 +126,18 @@ def test_help_says_what_the_tool_does_and_shows_each_command_with_an_example():
     code, out, err = run(["--help"])
     assert (code, err) == (0, "")
     assert out.startswith("usage: portable-ckpt [--traceback] COMMAND [ARGS...]\n\nInspect, validate and convert")
-    assert "  inspect    what a checkpoint holds                  portable-ckpt inspect checkpoints\n" in out
     assert (
+        "commands (portable-ckpt COMMAND --help says what each prints):\n"
+        "  inspect    what a checkpoint holds                  portable-ckpt inspect checkpoints\n"
+        "  list       every checkpoint of a root, checked      portable-ckpt list checkpoints\n"
         "  validate   verify checksums, schemas, headers       portable-ckpt validate checkpoints/step-00000100\n"
-        in out
+        "  diff       what differs between two checkpoints     portable-ckpt diff run-a/checkpoints run-b/checkpoints\n"
+        "  convert    a format-0 checkpoint to format 1        portable-ckpt convert old-run/ checkpoints\n"
+        "  demo       train, SIGKILL, resume bit-identically   portable-ckpt demo --quantize int8\n"
+    ) in out
+    assert (
+        "exit status: 0 ok, 1 invalid or unreadable checkpoint, 2 usage error (diff: 0 identical, 1 different)." in out
     )
-    assert "  convert    a format-0 checkpoint to format 1        portable-ckpt convert old-run/ checkpoints\n" in out
-    assert "  demo       train, SIGKILL, resume bit-identically   portable-ckpt demo --quantize int8\n" in out
-    assert "exit status: 0 ok, 1 invalid or unreadable checkpoint, 2 usage error." in out
 
 
 @pytest.mark.parametrize(
@@ -140,6 +145,12 @@ def test_help_says_what_the_tool_does_and_shows_each_command_with_an_example():
     [
         ("inspect", "Prints the format version, step", "exit status: 0 described, 1 not found or unreadable"),
         ("validate", 'Prints "ok       PATH" for a valid checkpoint', "exit status: 0 every checkpoint valid, 1 any"),
+        (
+            "list",
+            "List every committed checkpoint of the checkpoints root ROOT",
+            "exit status: 0 every checkpoint valid",
+        ),
+        ("diff", "Prints the tensors added, removed and changed", "exit status: 0 identical, 1 different, 2 usage"),
         ("convert", "Prints the new checkpoint's path", "exit status: 0 converted, 1 unreadable source"),
         ("demo", "print both loss curves and the verdict", "exit status: 0 PASS, 1 FAIL"),
     ],
@@ -233,3 +244,104 @@ def test_validate_json_of_a_damaged_test_vector_is_stable(tmp_path):
             }
         ],
     }
+
+
+# --- inspect of a root ---------------------------------------------------------------------------
+
+
+def test_inspect_root_lists_its_checkpoints(ckpt, trained):
+    model, optimizer = trained
+    root = ckpt.parent
+    newest = save_checkpoint(model, optimizer, {"lr": 0.1}, ["a", "b"], 30, root)
+    code, out, _ = run(["inspect", str(root)])
+    assert code == 0 and out.startswith(
+        f"root            {root}: 2 committed checkpoints\n"
+        "  step-00000012    step 12\n"
+        "  step-00000030    step 30  latest: described below\n"
+        f"checkpoint      {newest}\n"
+        "format_version  1\n"
+        "step            30\n"
+    )
+    assert run(["inspect", str(newest)])[1] == out[out.index("checkpoint      ") :]  # the rest as for the directory
+    code, out, _ = run(["inspect", "--json", str(root)])
+    doc = json.loads(out)
+    assert doc["checkpoints"] == [
+        {"step": 12, "name": "step-00000012", "path": str(ckpt), "latest": False},
+        {"step": 30, "name": "step-00000030", "path": str(newest), "latest": True},
+    ]
+    directory_doc = json.loads(run(["inspect", "--json", str(newest)])[1])
+    assert "checkpoints" not in directory_doc  # a checkpoint directory's object keeps its keys
+    assert {k: v for k, v in doc.items() if k != "checkpoints"} == directory_doc
+
+
+def test_inspect_root_marks_what_latest_names(ckpt, trained):
+    model, optimizer = trained
+    save_checkpoint(model, optimizer, {}, None, 30, ckpt.parent)
+    (ckpt.parent / "latest").write_text("step-00000012\n")
+    doc = json.loads(run(["inspect", "--json", str(ckpt.parent)])[1])
+    assert doc["step"] == 12 and [c["latest"] for c in doc["checkpoints"]] == [True, False]
+
+
+# --- progress on a terminal ----------------------------------------------------------------------
+
+
+class FakeTTY(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_progress_line_draws_one_updating_line_and_clears_it():
+    stream, clock = FakeTTY(), Clock()
+    progress = ProgressLine(stream, prefix="validate", delay=0.5, interval=0.1, width=40, clock=clock)
+    progress(0, 3, "config.json")
+    assert stream.getvalue() == ""  # quick work shows nothing
+    clock.now += 0.6
+    progress(1, 3, "model.safetensors")
+    assert stream.getvalue() == "\rvalidate 1/3 model.safetensors"
+    clock.now += 0.05
+    progress(2, 3, "optimizer.pt")  # too soon after the last redraw
+    assert stream.getvalue() == "\rvalidate 1/3 model.safetensors"
+    clock.now += 0.2
+    progress(2, 3, "x")  # shorter: blanks cover the rest of the longer line
+    assert stream.getvalue().endswith("\rvalidate 2/3 x" + " " * 16)
+    clock.now += 0.2
+    progress(3, 3, "evil\x1b[2J" + "n" * 50)  # escaped, and cut to the terminal's width
+    assert stream.getvalue().endswith("\rvalidate 3/3 evil\\x1b[2Jnnnnnnnnnnnnnnn")
+    assert len("validate 3/3 evil\\x1b[2Jnnnnnnnnnnnnnnn") == 39
+    progress.close()
+    assert stream.getvalue().endswith("\r" + " " * 39 + "\r")
+    before = stream.getvalue()
+    progress.close()  # nothing drawn since: nothing to clear
+    assert stream.getvalue() == before
+
+
+def test_progress_line_draws_nothing_when_not_a_terminal():
+    stream, clock = io.StringIO(), Clock()
+    with ProgressLine(stream, delay=0, interval=0, clock=clock) as progress:
+        clock.now += 1
+        progress(1, 2, "a")
+    assert stream.getvalue() == ""
+
+
+@pytest.mark.parametrize("command", ["validate", "list", "diff"])
+def test_commands_draw_progress_on_a_terminal_stderr_only(ckpt, monkeypatch, command):
+    monkeypatch.setattr(cli, "ProgressLine", functools.partial(ProgressLine, delay=0, interval=0, width=200))
+    argv = {"validate": [str(ckpt)], "list": [str(ckpt.parent)], "diff": [str(ckpt), str(ckpt)]}[command]
+    quiet_out = io.StringIO()
+    assert main([command, *argv], out=quiet_out, err=io.StringIO()) == 0
+    out, err = io.StringIO(), FakeTTY()
+    assert main([command, *argv], out=out, err=err) == 0
+    assert out.getvalue() == quiet_out.getvalue() and "\r" not in out.getvalue()  # stdout: data only
+    drawn = err.getvalue()
+    assert drawn.startswith(f"\r{command} 0/") and drawn.endswith("\r")
+    assert drawn.split("\r")[-2].strip() == ""  # the last thing written clears the line
+    first = {"validate": f"{ckpt}: config.json", "list": "step-00000012: manifest.json", "diff": "b16"}[command]
+    assert drawn.split("\r")[1].split(" ", 2)[2] == first

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import ast
+import builtins
 import io
 import json
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +17,7 @@ import torch
 import portable_ckpt
 from portable_ckpt import cli
 from portable_ckpt.demo import demo as _demo
+from portable_ckpt.demo import plot as _plot
 from portable_ckpt.demo.demo import Demo, first_difference, plan, run_demo
 
 IDENTICAL = (
@@ -86,15 +89,75 @@ def test_the_demo_imports_only_public_names() -> None:
     assert proc.stdout == "False\n"
 
 
+def png_size(path: Path) -> tuple[int, int]:
+    """(width, height) from a PNG's signature and IHDR chunk; fails if the file is not a PNG."""
+    head = path.read_bytes()[:24]
+    assert head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR", head
+    return struct.unpack(">II", head[16:24])
+
+
+def block_matplotlib(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make every import of matplotlib fail, as on an install without the plot extra."""
+    real = builtins.__import__
+
+    def without_matplotlib(name: str, *args: object, **kwargs: object) -> object:
+        if name == "matplotlib" or name.startswith("matplotlib."):
+            raise ModuleNotFoundError(f"No module named {name!r}")
+        return real(name, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(builtins, "__import__", without_matplotlib)
+
+
+def curves(title: str, steps: int, kill_at: int, resume_from: int) -> _plot.Curves:
+    log = [(s, 3.0 - 0.01 * s) for s in range(steps)]
+    return _plot.Curves(title, log, log[: kill_at + 1] + log[resume_from + 1 :], kill_at, resume_from)
+
+
+@pytest.mark.parametrize("chapters", [1, 2])
+def test_the_loss_curves_are_a_png_of_the_expected_size(tmp_path: Path, chapters: int) -> None:
+    path = tmp_path / "losses.png"
+    assert _plot.draw_losses([curves(f"chapter {i}", 60, 37, 30) for i in range(chapters)], path)
+    assert png_size(path) == (800, 400 * chapters)
+
+
+def test_the_demo_says_how_to_get_the_plot_without_matplotlib(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    out = io.StringIO()
+    demo = Demo(tmp_path, out)
+    demo.curves.append(curves("float", 6, 3, 2))
+    block_matplotlib(monkeypatch)
+    demo.plot()
+    assert out.getvalue() == (
+        "loss curves not drawn: matplotlib is not installed (pip install 'portable-ckpt[plot]' adds it)\n"
+    )
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.undo()
+    demo.plot()
+    assert out.getvalue().splitlines()[-1] == f"loss curves: {tmp_path / 'losses.png'}"
+    assert png_size(tmp_path / "losses.png") == (800, 400)
+
+
+def test_the_resumed_process_starts_where_the_log_steps_back() -> None:
+    log = [(0, 3.0), (1, 2.0), (2, 1.5), (3, 1.25), (2, 1.5), (3, 1.25), (4, 1.0)]
+    assert _plot.split_processes(log) == (log[:4], log[4:])
+    assert _plot.split_processes(log[:4]) == (log[:4], [])
+
+
 @pytest.mark.slow
 def test_demo_proves_resume_and_later_runs_leave_earlier_ones_alone(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     out = io.StringIO()
-    assert run_demo(tmp_path, steps=6, out=out) == 0
+    with monkeypatch.context() as without_plot:  # without the plot extra: one line says so, nothing else changes
+        block_matplotlib(without_plot)
+        assert run_demo(tmp_path, steps=6, out=out) == 0
     text = out.getvalue()
     lines = text.splitlines()
     run1 = tmp_path / "run-001"
+    assert lines[-3:-1] == [
+        "loss curves not drawn: matplotlib is not installed (pip install 'portable-ckpt[plot]' adds it)",
+        "",
+    ]
+    assert not (run1 / "losses.png").exists()
     assert IDENTICAL.format(6) in lines
     assert "killed by SIGKILL after step 3; newest committed checkpoint: step 2" in lines
     final = run1 / "float" / "interrupted" / "checkpoints" / "step-00000005"
@@ -121,3 +184,5 @@ def test_demo_proves_resume_and_later_runs_leave_earlier_ones_alone(
     )
     assert "quantization    lora, int4, symmetric, group 32" in lines
     assert "DIFFERENT" not in text and lines[-1].startswith("PASS")
+    assert lines[-3] == f"loss curves: {tmp_path / 'run-002' / 'losses.png'}"
+    assert png_size(tmp_path / "run-002" / "losses.png") == (800, 800)  # the float and the LoRA chapters

@@ -23,6 +23,7 @@ from typing import Any, TextIO
 import torch
 
 from portable_ckpt import inspect_checkpoint, load_checkpoint, validate_checkpoint
+from portable_ckpt.demo import plot as _plot
 from portable_ckpt.demo import trainer as _trainer
 from portable_ckpt.report import human_size, render_info, render_validation
 
@@ -66,6 +67,7 @@ class Demo:
     def __init__(self, run: Path, out: TextIO) -> None:
         self.run = run
         self.out = out
+        self.curves: list[_plot.Curves] = []  # each chapter's losses, drawn at the end
 
     def say(self, text: str = "") -> None:
         self.out.write(text + "\n")
@@ -119,6 +121,15 @@ class Demo:
         if self.train(broken, "resumed", args, last_step=steps - 1) != 0:
             self.say("FAILED: the resumed run did not finish")
             return False, None
+        self.curves.append(
+            _plot.Curves(
+                title=f"{name}: uninterrupted vs SIGKILL + resume",
+                uninterrupted=_trainer.read_loss_log(straight),
+                interrupted=_trainer.read_loss_log(broken),
+                kill_at=kill_at,
+                resume_from=resume_from,
+            )
+        )
         identical = self.compare(straight, broken, steps=steps, resume_from=resume_from, kill_at=kill_at)
         return identical, broken / "checkpoints"
 
@@ -175,9 +186,19 @@ class Demo:
         self.say(f"DIFFERENT: {problem}")
         return False
 
+    def plot(self) -> None:
+        """Draw the loss curves as ``losses.png`` in the run directory, or say how to get the plotting extra."""
+        if not self.curves:
+            return
+        path = self.run / "losses.png"
+        if _plot.draw_losses(self.curves, path):
+            self.say(f"loss curves: {path}")
+        else:
+            self.say(f"loss curves not drawn: matplotlib is not installed ({_plot.INSTALL_HINT} adds it)")
+
     def inspect_and_validate(self, path: Path) -> bool:
         """``portable-ckpt inspect`` (tensor list shortened) and ``validate`` of the newest checkpoint in ``path``."""
-        info = inspect_checkpoint(path)
+        info = inspect_checkpoint(newest(path))  # the checkpoint itself: what the command shown prints
         latest = str(info.path)
         for line in condensed(render_info(info), latest):
             self.say(line)
@@ -320,6 +341,7 @@ def run_demo(
     if quantize is not None and ok and final is not None:
         ok = quantized_chapter(demo, quantize, final, max(3, steps // 2))
 
+    demo.plot()
     demo.say()
     demo.say(f"{'PASS' if ok else 'FAIL'}: finished in {time.monotonic() - started:.1f} s; everything is in {demo.run}")
     return 0 if ok else 1
