@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+import warnings
 from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -15,7 +16,12 @@ from torch import nn
 
 from portable_ckpt import root as _root
 from portable_ckpt import save as _save
-from portable_ckpt.errors import CheckpointInputError, CheckpointNotFoundError, CheckpointWriteError
+from portable_ckpt.errors import (
+    CheckpointCorruptedError,
+    CheckpointInputError,
+    CheckpointNotFoundError,
+    CheckpointWriteError,
+)
 from portable_ckpt.format import names
 from portable_ckpt.load import load_checkpoint
 from portable_ckpt.root import display
@@ -54,6 +60,10 @@ def _lower_priority() -> None:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
 
 
+def _step_of(storage: Storage) -> int:
+    return names.step_of(storage.location.rstrip("/").rsplit("/", 1)[-1]) or 0
+
+
 def _count(value: int | None, name: str) -> int | None:
     if value is not None and (type(value) is not int or value < 1):
         raise CheckpointInputError(f"{name} must be None or an int >= 1, found {value!r}")
@@ -86,6 +96,7 @@ class CheckpointManager:
         self._lock = threading.Lock()
         # host buffers of the last non-blocking save, reused by the next (the previous write is over by then)
         self._staging: dict[str, torch.Tensor] = {}
+        self.skipped: list[tuple[str, str]] = []  # what the last restore(fall_back=True) skipped, and why
 
     def latest(self) -> Path | str | None:
         """The newest committed checkpoint directory, or None."""
@@ -244,9 +255,18 @@ class CheckpointManager:
         map_location: Any = "cpu",
         strict: bool = True,
         verify: bool = True,
+        fall_back: bool = False,
     ) -> Checkpoint | None:
-        """Load the newest committed checkpoint (or ``step``) into the given objects; None if there is none."""
+        """Load the newest committed checkpoint (or ``step``) into the given objects; None if there is none.
+
+        With ``fall_back=True``, a newest checkpoint that is damaged or missing files
+        (``CheckpointCorruptedError``, ``CheckpointNotFoundError``) is skipped for the next older one, and so
+        on: each skipped one is reported with ``warnings.warn`` and listed in ``self.skipped`` as (path, error).
+        The objects then hold the state of the checkpoint that loaded, even if a skipped one had already
+        filled some of the model's tensors with unverified values before its checksum failed.
+        """
         self.wait()
+        self.skipped = []
         if step is None:
             found = _root.latest(self.storage)
             if found is None:
@@ -255,20 +275,32 @@ class CheckpointManager:
             found = self.storage.child(names.step_name(step))
             if found.kind(names.MANIFEST) != "file":
                 raise CheckpointNotFoundError(
-                    f"{found.location}: no committed checkpoint for step {step}; have {self.steps()}"
+                    f"{found.location}: no committed checkpoint for step {step}; have {self.steps()}",
+                    file=found.location,
                 )
-        return load_checkpoint(
-            found,
-            model,
-            optimizer,
-            scheduler=scheduler,
-            scaler=scaler,
-            states=states,
-            map_location=map_location,
-            strict=strict,
-            verify=verify,
-            restore_rng=restore_rng,
-        )
+        older = [s for s in reversed(self.steps()) if s < (_step_of(found) if fall_back else -1)]
+        while True:
+            try:
+                return load_checkpoint(
+                    found,
+                    model,
+                    optimizer,
+                    scheduler=scheduler,
+                    scaler=scaler,
+                    states=states,
+                    map_location=map_location,
+                    strict=strict,
+                    verify=verify,
+                    restore_rng=restore_rng,
+                )
+            except (CheckpointCorruptedError, CheckpointNotFoundError) as e:
+                if not older:
+                    raise
+                self.skipped.append((found.location, f"{type(e).__name__}: {e}"))
+                warnings.warn(
+                    f"skipped {found.location}: {type(e).__name__}: {e}; trying step {older[0]}", stacklevel=2
+                )
+                found = self.storage.child(names.step_name(older.pop(0)))
 
     def close(self) -> None:
         """Finish any pending save and stop the background thread."""

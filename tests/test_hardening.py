@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from portable_ckpt import (
+    CheckpointCorruptedError,
     CheckpointInputError,
     CheckpointManager,
     CheckpointNotFoundError,
@@ -223,3 +224,22 @@ def test_drop_after_rewinds_a_root_only_when_asked(tmp_path):
     assert manager.steps() == [10, 20] and (tmp_path / "latest").read_text() == "step-00000020\n"
     manager.save(net(21), None, {"step": 21}, None, 21)
     assert manager.steps() == [10, 20, 21]
+
+
+def test_restore_can_fall_back_to_the_newest_checkpoint_that_verifies(tmp_path):
+    manager = CheckpointManager(tmp_path)
+    for step in (1, 2, 3):
+        manager.save(net(step), None, {"step": step}, None, step)
+    damaged = tmp_path / "step-00000003" / "model.safetensors"
+    data = bytearray(damaged.read_bytes())
+    data[-1] ^= 0x55
+    damaged.write_bytes(bytes(data))
+    model = net(0)
+    with pytest.raises(CheckpointCorruptedError, match=r"model.safetensors: checksum mismatch.*filled in place"):
+        manager.restore(model)
+    with pytest.warns(UserWarning, match=r"skipped .*step-00000003: CheckpointCorruptedError: .*; trying step 2"):
+        ckpt = manager.restore(model, fall_back=True)
+    assert ckpt is not None and ckpt.step == 2 and same_params(model, net(2))
+    assert [(Path(p).name, e.split(":")[0]) for p, e in manager.skipped] == [
+        ("step-00000003", "CheckpointCorruptedError")
+    ]
