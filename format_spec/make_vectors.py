@@ -1,12 +1,20 @@
 """Generate the committed test vectors in ``format_spec/vectors/`` and their ``index.json``.
 
-    .venv/bin/python format_spec/make_vectors.py
+    .venv/bin/python format_spec/make_vectors.py            # add the vectors that are missing
+    .venv/bin/python format_spec/make_vectors.py NAME ...   # regenerate these
+    .venv/bin/python format_spec/make_vectors.py --all      # regenerate every vector
 
 Valid vectors are written by the library itself; invalid ones start from a valid checkpoint and
 carry exactly one defect. Defects meant to get past the checksums are crafted as an attacker would:
 the file sizes, file checksums, per-tensor checksums and ``manifest_checksum`` are all recomputed,
-and hostile safetensors headers are built by hand with ``struct.pack``. Output is deterministic for
-a given torch version: fixed seeds, and ``created_at`` rewritten to a fixed instant and re-sealed.
+and hostile safetensors headers are built by hand with ``struct.pack``. ``index.json`` is always
+rewritten from the generators.
+
+Output is deterministic for a given torch version and CPU: fixed seeds, ``created_at`` rewritten to
+a fixed instant and re-sealed, and the ``.data/serialization_id`` that torch.save draws at random
+replaced by a fixed one in every .pt file the generator writes itself. The few trained weights can
+differ in their last bit from one CPU to another, which is why committed vectors are kept as they
+are unless asked for by name.
 """
 
 from __future__ import annotations
@@ -15,6 +23,7 @@ import dataclasses
 import io
 import json
 import os
+import pickle
 import random
 import shutil
 import struct
@@ -34,6 +43,7 @@ sys.path.insert(0, str(ROOT))
 from portable_ckpt import save as _save  # noqa: E402
 from portable_ckpt.format import jsonio as _jsonio  # noqa: E402
 from portable_ckpt.format import manifest as _manifest  # noqa: E402
+from portable_ckpt.format import pt as _pt  # noqa: E402
 from portable_ckpt.format import safetensors as _safetensors  # noqa: E402
 from portable_ckpt.format.hashing import checksum  # noqa: E402
 
@@ -180,9 +190,63 @@ def hostile_torch_file(real: bytes, marker: str) -> bytes:
     return out.getvalue()
 
 
+SERIALIZATION_ID = b"0" * 40  # torch.save's record of 40 random digits, fixed for reproducible files
+
+
+def fixed_serialization_id(data: bytes) -> bytes:
+    """``data`` (a torch.save archive written without zip CRCs) with its serialization id made fixed."""
+    z = zipfile.ZipFile(io.BytesIO(data))
+    info = next((i for i in z.infolist() if i.filename.endswith("/.data/serialization_id")), None)
+    if info is None:
+        return data
+    assert info.CRC == 0 and info.compress_size == len(SERIALIZATION_ID)
+    name_len, extra_len = struct.unpack("<HH", data[info.header_offset + 26 : info.header_offset + 30])
+    start = info.header_offset + 30 + name_len + extra_len
+    return data[:start] + SERIALIZATION_ID + data[start + len(SERIALIZATION_ID) :]
+
+
 def torch_bytes(obj: Any) -> bytes:
+    """torch.save as the library writes it (no zip CRCs), with a fixed serialization id."""
     buf = io.BytesIO()
-    torch.save(obj, buf)
+    with _pt._no_zip_crc():
+        torch.save(obj, buf)
+    return fixed_serialization_id(buf.getvalue())
+
+
+def rezip(real: bytes, *, pickle_bytes: bytes | None = None, compress: str | None = None) -> bytes:
+    """A torch.save archive rebuilt member by member (fixed dates): data.pkl replaced by ``pickle_bytes``,
+    and the member ``compress`` (a record name) deflated."""
+    src = zipfile.ZipFile(io.BytesIO(real))
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as dst:
+        for info in src.infolist():
+            info.CRC = None  # the library saves without zip CRCs: skip zipfile's check
+            body = src.read(info.filename)
+            if pickle_bytes is not None and info.filename.endswith("/data.pkl"):
+                body = pickle_bytes
+            if info.filename.endswith("/.data/serialization_id"):
+                body = SERIALIZATION_ID
+            method = zipfile.ZIP_DEFLATED if compress and info.filename.endswith("/" + compress) else zipfile.ZIP_STORED
+            zi = zipfile.ZipInfo(info.filename, date_time=(2025, 1, 1, 0, 0, 0))
+            zi.compress_type = method
+            dst.writestr(zi, body)
+    return out.getvalue()
+
+
+class _IntegerPersistentId(pickle.Pickler):
+    """Pickles the object ``STORAGE`` as the persistent id 0, an integer, where torch.save writes a tuple."""
+
+    def persistent_id(self, obj: Any) -> Any:
+        return 0 if obj is STORAGE else None
+
+
+STORAGE = object()
+
+
+def integer_persistent_id_pickle() -> bytes:
+    buf = io.BytesIO()
+    state = {"state": {0: {"momentum_buffer": STORAGE}}, "param_groups": [{"lr": 0.1, "params": [0]}]}
+    _IntegerPersistentId(buf, protocol=2).dump(state)
     return buf.getvalue()
 
 
@@ -373,6 +437,8 @@ def valid_unknown() -> None:
 # --------------------------------------------------------------------------------------------------
 
 CORRUPTED = "CheckpointCorruptedError"
+UNSAFE = "CheckpointUnsafeError"
+QUANT = "QuantizationMetadataError"
 
 
 def flip(path: Path, pos: int) -> None:
@@ -608,8 +674,8 @@ def invalid_hostile_pickle() -> None:
     record(
         "invalid-hostile-pickle",
         f"optimizer.pt whose data.pkl calls os.mkdir({MARKER!r}); checksums recomputed; "
-        "the error names the refused global",
-        error=CORRUPTED,
+        "refused for safety, the error names the refused global",
+        error=UNSAFE,
         message="os.mkdir",
     )
 
@@ -622,8 +688,9 @@ def invalid_legacy_hostile_pickle() -> None:
     (d / "metadata.json").write_text('{"step": 1}\n')
     record(
         "invalid-legacy-hostile-pickle",
-        f"format 0 model.pt whose data.pkl calls os.mkdir({LEGACY_MARKER!r}); the error names the refused global",
-        error=CORRUPTED,
+        f"format 0 model.pt whose data.pkl calls os.mkdir({LEGACY_MARKER!r}); refused for safety, the error "
+        "names the refused global",
+        error=UNSAFE,
         message="os.mkdir",
     )
 
@@ -789,9 +856,10 @@ def invalid_dimension_too_large() -> None:
     _hand_built("invalid-dimension-too-large", [("a", "F32", [2**64, 0], 0, 0), ("b", "F32", [4], 0, 16)], _A)
     record(
         "invalid-dimension-too-large",
-        "tensor a has shape [18446744073709551616, 0] (a dimension of 2**64, though no elements); checksums recomputed",
+        "tensor a has shape [18446744073709551616, 0] (a dimension of 2**64, though no elements), an integer "
+        "outside the range of every JSON text; checksums recomputed",
         error=CORRUPTED,
-        message="shape is not a list of integers in [0, 2**64)",
+        message="integer 18446744073709551616 is outside [-2**63, 2**64)",
     )
 
 
@@ -818,9 +886,286 @@ def invalid_file_name_newline() -> None:
     record(
         "invalid-file-name-newline",
         'the manifest lists "notes.txt\\n", a file name ending in a line feed (re-sealed; notes.txt exists with '
-        "the listed size and checksum)",
+        "the listed size and checksum): the schema refuses it in every regex engine",
         error=CORRUPTED,
-        message="is not allowed",
+        message="schema violation at $.files",
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# vectors of the second review: each decides one question the first text left open
+# --------------------------------------------------------------------------------------------------
+
+
+def valid_no_tensor_table() -> None:
+    d = checkpoint("valid-no-tensor-table")
+    edit_manifest(d, lambda m: m["files"]["model.safetensors"].pop("tensors"))
+    record(
+        "valid-no-tensor-table",
+        "the model.safetensors entry has no per-tensor checksums (re-sealed): a full load verifies the file "
+        "checksum and accepts it; verified reads of single tensors are refused",
+        step=5,
+    )
+
+
+def valid_root_noncanonical_step() -> None:
+    root = VECTORS / "valid-root-noncanonical-step"
+    model, _ = trained(None)
+    save(root, model, None, step=10)
+    with tempfile.TemporaryDirectory() as tmp:
+        shutil.move(str(save(Path(tmp), model, None, step=20)), root / "step-000000020")
+    (root / "latest").write_text("step-000000020\n")
+    record(
+        "valid-root-noncanonical-step",
+        "step-00000010 and a committed step 20 under the name step-000000020 (nine digits, not the one spelling "
+        "of step 20, so not a step directory), which latest names: readers ignore it and load step 10",
+        step=10,
+    )
+
+
+def valid_root_latest_form_feed() -> None:
+    root = VECTORS / "valid-root-latest-form-feed"
+    model, _ = trained(None)
+    for step in (10, 20):
+        save(root, model, None, step=step)
+    (root / "latest").write_bytes(b"step-00000010\x0c\n")
+    record(
+        "valid-root-latest-form-feed",
+        "latest is step-00000010 followed by a form feed and a line feed: only JSON whitespace is stripped, so it "
+        "names nothing and readers load the highest committed step",
+        step=20,
+    )
+
+
+def valid_root_latest_too_long() -> None:
+    root = VECTORS / "valid-root-latest-too-long"
+    model, _ = trained(None)
+    for step in (10, 20):
+        save(root, model, None, step=step)
+    (root / "latest").write_bytes(b"step-00000010\n" + b" " * 4083)  # 4097 bytes
+    record(
+        "valid-root-latest-too-long",
+        "latest is step-00000010 and a line feed padded with spaces to 4097 bytes, one over the limit: it names "
+        "nothing and readers load the highest committed step",
+        step=20,
+    )
+
+
+def valid_root_format_0_ignored() -> None:
+    root = VECTORS / "valid-root-format-0-ignored"
+    model, _ = trained(None)
+    save(root, model, None, step=10)
+    legacy = root / "step-00000020"
+    legacy.mkdir()
+    (legacy / "model.pt").write_bytes(torch_bytes(model.state_dict()))
+    (legacy / "metadata.json").write_text('{"step": 20}\n')
+    (root / "latest").write_text("step-00000020\n")
+    record(
+        "valid-root-format-0-ignored",
+        "a root with step-00000010 and a format-0 directory step-00000020 (model.pt, metadata.json), which latest "
+        "names: format-0 directories are never committed checkpoints of a root, so readers load step 10",
+        step=10,
+    )
+
+
+def invalid_pt_global_not_allowed() -> None:
+    d = checkpoint("invalid-pt-global-not-allowed", optimizer="sgd")
+    state = {
+        "state": {0: {"momentum_buffer": nn.Parameter(torch.zeros(2))}},
+        "param_groups": [{"lr": 0.1, "params": [0]}],
+    }
+    (d / "optimizer.pt").write_bytes(torch_bytes(state))
+    reseal(d)
+    record(
+        "invalid-pt-global-not-allowed",
+        "optimizer.pt holds an nn.Parameter, pickled with torch._utils._rebuild_parameter: torch.load(weights_only="
+        "True) accepts it, the format's allowlist does not (checksums recomputed)",
+        error=UNSAFE,
+        message="torch._utils._rebuild_parameter",
+    )
+
+
+def invalid_pt_compressed_member() -> None:
+    d = checkpoint("invalid-pt-compressed-member", optimizer="sgd")
+    path = d / "optimizer.pt"
+    path.write_bytes(rezip(path.read_bytes(), compress="data.pkl"))
+    reseal(d)
+    record(
+        "invalid-pt-compressed-member",
+        "optimizer.pt with its data.pkl deflated (zip method 8): every member must be stored (checksums recomputed)",
+        error=CORRUPTED,
+        message="is compressed (method 8)",
+    )
+
+
+def invalid_pt_persistent_id_int() -> None:
+    d = checkpoint("invalid-pt-persistent-id-int", optimizer="sgd")
+    path = d / "optimizer.pt"
+    path.write_bytes(rezip(path.read_bytes(), pickle_bytes=integer_persistent_id_pickle()))
+    reseal(d)
+    record(
+        "invalid-pt-persistent-id-int",
+        "optimizer.pt whose data.pkl gives a persistent id that is the integer 0, not a storage tuple (torch's "
+        "weights_only unpickler lets it through and torch.load then fails an assertion); checksums recomputed",
+        error=CORRUPTED,
+        message="a persistent id that is not a tuple",
+    )
+
+
+def invalid_json_too_deep() -> None:
+    d = checkpoint("invalid-json-too-deep")
+    (d / "config.json").write_bytes(b'{"a":' + b"[" * 64 + b"]" * 64 + b"}\n")  # 65 deep
+    reseal(d)
+    record(
+        "invalid-json-too-deep",
+        "config.json nests arrays 65 deep (an object around 64 arrays); the limit is 64 (checksums recomputed)",
+        error=CORRUPTED,
+        message="nest deeper than the limit of 64",
+    )
+
+
+def invalid_integer_out_of_range() -> None:
+    d = checkpoint("invalid-integer-out-of-range")
+    (d / "config.json").write_bytes(b'{"seed":18446744073709551616}\n')
+    reseal(d)
+    record(
+        "invalid-integer-out-of-range",
+        "config.json holds the integer 2**64, outside [-2**63, 2**64), the range of every JSON integer of a "
+        "checkpoint (checksums recomputed)",
+        error=CORRUPTED,
+        message="is outside [-2**63, 2**64)",
+    )
+
+
+def _quantized(name: str) -> Path:
+    from portable_ckpt import quantize
+
+    seed(0)
+    model = quantize(nn.Sequential(nn.Linear(8, 4)), bits=8)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = save(Path(tmp), model, None, step=5, vocab=None)
+        shutil.move(str(path), VECTORS / name)
+    return VECTORS / name
+
+
+def invalid_quantization_bits_float() -> None:
+    d = _quantized("invalid-quantization-bits-float")
+    meta = d / "quantization_metadata.json"
+    data = meta.read_bytes()
+    assert b'"bits":8,' in data
+    meta.write_bytes(data.replace(b'"bits":8,', b'"bits":8.0,'))
+    reseal(d)
+    record(
+        "invalid-quantization-bits-float",
+        'quantization_metadata.json says "bits":8.0 (checksums recomputed): JSON Schema finds 8.0 equal to the '
+        "enum's 8, this format refuses it",
+        error=QUANT,
+        message="schema violation at $.bits",
+    )
+
+
+def invalid_quantization_summary_mismatch() -> None:
+    d = _quantized("invalid-quantization-summary-mismatch")
+    edit_manifest(d, lambda m: m["quantization"].update(symmetric=not m["quantization"]["symmetric"]))
+    record(
+        "invalid-quantization-summary-mismatch",
+        "the manifest's quantization summary says symmetric false, the metadata says true (re-sealed)",
+        error=QUANT,
+        message="symmetric is True but the manifest says False",
+    )
+
+
+def invalid_quantized_metadata_missing() -> None:
+    d = _quantized("invalid-quantized-metadata-missing")
+    (d / "quantization_metadata.json").unlink()
+    record(
+        "invalid-quantized-metadata-missing",
+        "quantization_metadata.json is listed in the manifest (quantized, int8 ptq) but absent: a missing listed "
+        "file, like any other",
+        error="CheckpointNotFoundError",
+        message="listed in the manifest but missing",
+    )
+
+
+def _with_rng(name: str) -> Path:
+    model, _ = trained(None)
+    with tempfile.TemporaryDirectory() as tmp:
+        seed(1234)
+        path = save(Path(tmp), model, None, step=5, rng=True, vocab=None)
+        shutil.move(str(path), VECTORS / name)
+    return VECTORS / name
+
+
+def _rewrite_rng_tensors(d: Path, change: Callable[[dict[str, torch.Tensor]], None]) -> None:
+    from safetensors.torch import load_file
+
+    tensors = load_file(d / "rng.safetensors")
+    change(tensors)
+    (d / "rng.safetensors").unlink()
+    with open(d / "rng.safetensors", "wb") as f:
+        _safetensors.write(f, tensors)
+
+
+def invalid_rng_version_float() -> None:
+    d = _with_rng("invalid-rng-version-float")
+    data = (d / "rng.json").read_bytes()
+    assert b'"version":3}' in data
+    (d / "rng.json").write_bytes(data.replace(b'"version":3}', b'"version":3.0}'))
+    reseal(d)
+    record(
+        "invalid-rng-version-float",
+        'rng.json says "version":3.0 for Python\'s generator (checksums recomputed): const 3 is a plain integer',
+        error=CORRUPTED,
+        message="schema violation at $.python",
+    )
+
+
+def invalid_rng_extra_tensor() -> None:
+    d = _with_rng("invalid-rng-extra-tensor")
+    _rewrite_rng_tensors(d, lambda t: t.update({"torch.cuda.0": torch.zeros(16, dtype=torch.uint8)}))
+    edit_manifest(d, lambda m: m.update(rng=sorted([*m["rng"], "torch.cuda.0"])))
+    reseal(d)
+    record(
+        "invalid-rng-extra-tensor",
+        "rng.safetensors also holds torch.cuda.0 (and the manifest's rng lists it) while rng.json says "
+        "cuda_devices 0 (checksums recomputed)",
+        error=CORRUPTED,
+        message="which rng.json does not call for",
+    )
+
+
+def invalid_rng_cpu_length() -> None:
+    d = _with_rng("invalid-rng-cpu-length")
+    _rewrite_rng_tensors(d, lambda t: t.update({"torch.cpu": t["torch.cpu"][:-1].clone()}))
+    reseal(d)
+    record(
+        "invalid-rng-cpu-length",
+        "rng.safetensors's torch.cpu is 5055 bytes, one short of the generator's 5056 (checksums recomputed)",
+        error=CORRUPTED,
+        message="expected torch.uint8 [5056]",
+    )
+
+
+def invalid_rng_manifest_list() -> None:
+    d = _with_rng("invalid-rng-manifest-list")
+    edit_manifest(d, lambda m: m.update(rng=[n for n in m["rng"] if n != "numpy"]))
+    record(
+        "invalid-rng-manifest-list",
+        "the manifest's rng omits numpy, whose state rng.safetensors holds (re-sealed)",
+        error=CORRUPTED,
+        message="but rng.safetensors holds",
+    )
+
+
+def invalid_rng_tensors_without_json() -> None:
+    d = _with_rng("invalid-rng-tensors-without-json")
+    (d / "rng.json").unlink()
+    edit_manifest(d, lambda m: m["files"].pop("rng.json"))
+    record(
+        "invalid-rng-tensors-without-json",
+        "the manifest lists rng.safetensors but not rng.json (removed; re-sealed): the two go together",
+        error=CORRUPTED,
+        message="go together",
     )
 
 
@@ -869,21 +1214,58 @@ GENERATORS: list[Callable[[], None]] = [
     invalid_optimizer_no_param_groups,
     invalid_dimension_too_large,
     invalid_element_count_too_large,
+    valid_no_tensor_table,
+    valid_root_noncanonical_step,
+    valid_root_latest_form_feed,
+    valid_root_latest_too_long,
+    valid_root_format_0_ignored,
+    invalid_pt_global_not_allowed,
+    invalid_pt_compressed_member,
+    invalid_pt_persistent_id_int,
+    invalid_json_too_deep,
+    invalid_integer_out_of_range,
+    invalid_quantization_bits_float,
+    invalid_quantization_summary_mismatch,
+    invalid_quantized_metadata_missing,
+    invalid_rng_version_float,
+    invalid_rng_extra_tensor,
+    invalid_rng_cpu_length,
+    invalid_rng_manifest_list,
+    invalid_rng_tensors_without_json,
 ]
 
 
-def main() -> None:
-    if VECTORS.exists():
-        shutil.rmtree(VECTORS)
-    VECTORS.mkdir()
-    for generate in GENERATORS:
-        generate()
+def main(argv: list[str]) -> None:
+    global VECTORS
+    committed = VECTORS
+    committed.mkdir(exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        VECTORS = Path(tmp) / "vectors"  # every generator writes here; then the chosen vectors are copied
+        VECTORS.mkdir()
+        for generate in GENERATORS:
+            generate()
+        names = [entry["name"] for entry in INDEX]
+        unknown = sorted(set(argv) - {"--all", *names})
+        if unknown:
+            raise SystemExit(f"no vector named {', '.join(unknown)}")
+        missing = [n for n in names if n in argv or not (committed / n).exists()]
+        chosen = names if "--all" in argv else missing
+        for name in chosen:
+            if (committed / name).exists():
+                shutil.rmtree(committed / name)
+            shutil.copytree(VECTORS / name, committed / name, symlinks=True)
+        VECTORS = committed
+    for stale in sorted(p for p in committed.iterdir() if p.is_dir() and p.name not in names):
+        shutil.rmtree(stale)
     text = json.dumps(INDEX, indent=2, ensure_ascii=False) + "\n"
-    (VECTORS / "index.json").write_text(text, encoding="utf-8")
-    total = sum(p.stat().st_size for p in VECTORS.rglob("*") if p.is_file() and not p.is_symlink())
+    (committed / "index.json").write_text(text, encoding="utf-8")
+    total = sum(p.stat().st_size for p in committed.rglob("*") if p.is_file() and not p.is_symlink())
     valid = sum(v["valid"] for v in INDEX)
-    print(f"{len(INDEX)} vectors ({valid} valid, {len(INDEX) - valid} invalid), {total} bytes in {VECTORS}")
+    print(
+        f"{len(INDEX)} vectors ({valid} valid, {len(INDEX) - valid} invalid), {total} bytes in {committed}; "
+        f"written: {', '.join(chosen) or 'none'}"
+    )
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

@@ -1,32 +1,47 @@
-"""A minimal reader of format_version 1, written only from ``format_spec/README.md``.
+"""A minimal reader of format_version 1, written only from ``format_spec/`` (and its schemas).
 
 It imports nothing from ``portable_ckpt``: it exists to show that the specification is enough to read a
-checkpoint, and to cross-check the reference implementation. It resolves a root (§3.2), verifies the
-manifest checksum over the bytes it read (§10), every listed file's size and checksum (§13), parses
-model.safetensors (§5.5), checks every per-tensor checksum, and returns the model state with aliases (§6).
-``manifest_bytes`` is §10's writer side, for comparing files byte for byte.
+checkpoint, and to cross-check the reference implementation, down to the error class of every refusal
+(§18: the class is normative, the message is not). It resolves a path (§3.5) and a root (§3.1, §3.2),
+verifies the manifest checksum over the bytes it read (§10), every listed file's size and checksum (§13),
+parses model.safetensors (§5.5), checks every per-tensor checksum, the RNG files (§14), the quantization
+summary (§7), the JSON rules of every JSON text (§4), the restricted .pt encoding statically and then with
+``torch.load(weights_only=True)`` (§4), and returns the model state with aliases (§6). Out of scope: format
+0, and the module-by-module checks of quantization.md. ``manifest_bytes`` is §10's writer side, for
+comparing files byte for byte.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
+import pickle
+import pickletools
 import re
 import stat
 import struct
+import zipfile
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import torch
 import xxhash
 
+SCHEMAS = Path(__file__).resolve().parent.parent / "schemas"
 STEP_DIR = re.compile(r"step-[0-9]{8,}")
 FILE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]*(\.[A-Za-z0-9_-]+)*")
 MAX_HEADER = 100_000_000
 # §10: the file ends with the checksum as the top-level object's last member
 TRAILER = re.compile(rb',"manifest_checksum":"([0-9a-f]{32})"\}\n\Z')
 MAX_JSON = 64 * 1024 * 1024
+MAX_DEPTH = 64  # §4: nesting of arrays and objects
+INT_RANGE = (-(2**63), 2**64)  # §4: every JSON integer, [low, high)
+LATEST_MAX = 4096  # §3.2
+LATEST_WHITESPACE = b" \t\n\r"  # §3.2: JSON whitespace, and only it, is stripped
+JSON_FILES = {"config.json", "vocab.json", "rng.json", "quantization_metadata.json"}
 
 # §5.4: dtype -> (rank, torch dtype, bytes per element)
 DTYPES: dict[str, tuple[int, torch.dtype, int]] = {
@@ -48,9 +63,59 @@ DTYPES: dict[str, tuple[int, torch.dtype, int]] = {
     "U64": (15, torch.uint64, 8),
 }
 
+# §4, the restricted .pt encoding: the opcodes, the globals (with __builtin__ read as builtins), the records
+PT_OPCODES = {
+    "PROTO", "STOP", "MARK", "NONE", "NEWTRUE", "NEWFALSE", "BININT", "BININT1", "BININT2", "LONG1", "BINFLOAT",
+    "BINUNICODE", "EMPTY_TUPLE", "TUPLE", "TUPLE1", "TUPLE2", "TUPLE3", "EMPTY_LIST", "APPEND", "APPENDS",
+    "EMPTY_DICT", "SETITEM", "SETITEMS", "BINPUT", "LONG_BINPUT", "BINGET", "LONG_BINGET", "GLOBAL", "REDUCE",
+    "BUILD", "BINPERSID",
+}  # fmt: skip
+PT_STORAGES = [
+    "Bool", "Byte", "Char", "Short", "Half", "BFloat16", "Int", "Float", "ComplexFloat", "Double", "Long"
+]  # fmt: skip
+PT_GLOBALS = {
+    "collections.OrderedDict",
+    "collections.Counter",
+    "builtins.set",
+    "builtins.complex",
+    "_codecs.encode",
+    "torch.device",
+    "torch._utils._rebuild_tensor_v2",
+    "torch._utils._rebuild_tensor_v3",
+    "torch.storage.UntypedStorage",
+    *(f"torch.{kind}Storage" for kind in PT_STORAGES),
+    *(str(dtype) for _, dtype, _ in DTYPES.values()),
+}
+PT_RECORDS = {
+    "data.pkl": 67_108_864,
+    "byteorder": 64,
+    "version": 64,
+    ".data/version": 64,
+    ".format_version": 64,
+    ".storage_alignment": 64,
+    ".data/serialization_id": 64,
+}
+PT_STORAGE_RECORD = re.compile(r"data/(0|[1-9][0-9]*)")
+
+# §14: the tensors of rng.safetensors
+RNG_TENSORS = {"torch.cpu": ("U8", [5056]), "python": ("I64", [625]), "numpy": ("I64", [624])}
+CUDA_STATE = ("U8", [16])
+
 
 class SpecError(Exception):
-    """Anything the specification says a reader must refuse."""
+    """Anything the specification says a reader must refuse; ``error`` is the class §18 names for it."""
+
+    def __init__(self, error: str, message: str) -> None:
+        super().__init__(message)
+        self.error = error
+
+
+def corrupted(message: str) -> SpecError:
+    return SpecError("CheckpointCorruptedError", message)
+
+
+def not_found(message: str) -> SpecError:
+    return SpecError("CheckpointNotFoundError", message)
 
 
 def xxh3(data: bytes) -> str:
@@ -70,153 +135,241 @@ def manifest_bytes(doc: dict[str, Any]) -> bytes:
     return body[:-2] + b',"manifest_checksum":"' + xxh3(body).encode("ascii") + b'"}\n'
 
 
+# --------------------------------------------------------------------------------------------------
+# §4: JSON texts
+# --------------------------------------------------------------------------------------------------
+
+
 def _pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in pairs:
         if k in out:
-            raise SpecError(f"duplicate key {k!r}")
+            raise ValueError(f"duplicate key {k!r}")
         out[k] = v
     return out
 
 
 def _constant(name: str) -> Any:
-    raise SpecError(f"{name} is not JSON")
+    raise ValueError(f"{name} is not JSON")
 
 
 def _binary64(text: str) -> float:
     value = float(text)
     if not math.isfinite(value):
-        raise SpecError(f"number {text} is beyond binary64")
+        raise ValueError(f"number {text} is beyond binary64")
     return value
 
 
-def _no_lone_surrogates(value: Any) -> None:
-    """Every string (key or value) must have a UTF-8 encoding; a lone surrogate has none."""
-    if isinstance(value, str):
-        value.encode("utf-8")
-    elif isinstance(value, dict):
-        for k, v in value.items():
-            _no_lone_surrogates(k)
-            _no_lone_surrogates(v)
-    elif isinstance(value, list):
-        for v in value:
-            _no_lone_surrogates(v)
+def _integer(text: str) -> int:
+    """§4: exact, in [-2**63, 2**64), refused by its length before conversion when longer than 20 digits."""
+    if len(text.lstrip("-")) > 20:
+        raise ValueError("integer literal of more than 20 digits")
+    value = int(text)
+    if not INT_RANGE[0] <= value < INT_RANGE[1]:
+        raise ValueError(f"integer {value} outside [-2**63, 2**64)")
+    return value
 
 
-def strict_json(data: bytes) -> Any:
-    """§17: UTF-8, no duplicate keys, no NaN/Infinity, no numbers beyond binary64, no lone surrogates."""
-    if len(data) > MAX_JSON:
-        raise SpecError("JSON document over 64 MiB")
+def _check_strings_and_depth(doc: Any) -> None:
+    """No lone surrogate in any string (key or value); arrays and objects nested at most 64 deep."""
+    stack = [(doc, 0)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, str):
+            value.encode("utf-8")  # a lone surrogate has no UTF-8 encoding
+        elif isinstance(value, (dict, list)):
+            if depth + 1 > MAX_DEPTH:
+                raise ValueError(f"nested deeper than {MAX_DEPTH}")
+            items = [*value.keys(), *value.values()] if isinstance(value, dict) else value
+            stack.extend((item, depth + 1) for item in items)
+
+
+def json_text(data: bytes) -> Any:
+    """§4: one JSON text, by the rules of every JSON text (no size limit here)."""
     try:
         doc = json.loads(
-            data.decode("utf-8"), object_pairs_hook=_pairs, parse_constant=_constant, parse_float=_binary64
+            data.decode("utf-8"),
+            object_pairs_hook=_pairs,
+            parse_constant=_constant,
+            parse_float=_binary64,
+            parse_int=_integer,
         )
-        _no_lone_surrogates(doc)
-    except (UnicodeError, ValueError) as e:
-        raise SpecError(f"invalid JSON: {e}") from None
+        _check_strings_and_depth(doc)
+    except (UnicodeError, ValueError, RecursionError) as e:
+        raise corrupted(f"invalid JSON: {e}") from None
     return doc
 
 
-def read_regular(path: Path) -> bytes:
-    """§17: never follow a symlink; only regular files."""
+def strict_json(data: bytes) -> Any:
+    """§4: a JSON file: at most 64 MiB, and the rules of every JSON text."""
+    if len(data) > MAX_JSON:
+        raise corrupted("JSON file over 64 MiB")
+    return json_text(data)
+
+
+def _plain_integer(checker: Any, value: Any) -> bool:
+    return type(value) is int  # §1: 3.0 and True are not integers here
+
+
+_VALIDATOR = jsonschema.validators.extend(
+    jsonschema.Draft202012Validator,
+    type_checker=jsonschema.Draft202012Validator.TYPE_CHECKER.redefine("integer", _plain_integer),
+)
+
+
+def validate(doc: Any, schema: str, error: str = "CheckpointCorruptedError") -> None:
+    """§1: valid under the draft 2020-12 schema, with integers plain JSON integers."""
+    with open(SCHEMAS / f"{schema}.schema.json", encoding="utf-8") as f:
+        found = jsonschema.exceptions.best_match(_VALIDATOR(json.load(f)).iter_errors(doc))
+    if found is not None:
+        raise SpecError(error, f"{schema}: {found.message[:200]}")
+
+
+# --------------------------------------------------------------------------------------------------
+# §3: paths and roots
+# --------------------------------------------------------------------------------------------------
+
+
+def read_regular(path: Path, limit: int | None = None) -> bytes:
+    """§17: never follow a symlink, never block; only regular files."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except FileNotFoundError:
-        raise SpecError(f"{path.name} is missing") from None
+        raise not_found(f"{path.name} is missing") from None
     except OSError as e:
-        raise SpecError(f"{path.name}: cannot open ({e.strerror})") from None
+        raise corrupted(f"{path.name}: cannot open ({e.strerror})") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise corrupted(f"{path.name} is not a regular file")
     with os.fdopen(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise SpecError(f"{path.name} is not a regular file")
-        return f.read()
+        return f.read() if limit is None else f.read(limit)
+
+
+def step_of(name: str) -> int | None:
+    """§3.1: the step a step directory name denotes (only its one spelling counts), else None."""
+    if not STEP_DIR.fullmatch(name):
+        return None
+    step = int(name[5:])
+    return step if name == f"step-{step:08d}" else None
+
+
+def _committed(root: Path, name: str) -> bool:
+    """§3.1: a step directory holding a regular file manifest.json."""
+    try:
+        return stat.S_ISREG(os.lstat(root / name / "manifest.json").st_mode)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+
+
+def _has(path: Path, name: str, *, regular: bool = False) -> bool:
+    try:
+        mode = os.lstat(path / name).st_mode
+    except FileNotFoundError:
+        return False
+    return stat.S_ISREG(mode) or not regular
+
+
+def latest(root: Path) -> Path:
+    """§3.2: the checkpoint ``latest`` names if committed, else the highest committed step."""
+    try:
+        data = read_regular(root / "latest", LATEST_MAX + 1)
+    except SpecError:
+        data = b""
+    name = data.strip(LATEST_WHITESPACE) if len(data) <= LATEST_MAX else b""
+    try:
+        text = name.decode("ascii")
+    except UnicodeDecodeError:
+        text = ""
+    if step_of(text) is not None and _committed(root, text):
+        return root / text
+    committed = sorted((step, n) for n in os.listdir(root) if (step := step_of(n)) is not None and _committed(root, n))
+    if not committed:
+        raise not_found(f"{root}: no committed checkpoint")
+    return root / committed[-1][1]
 
 
 def resolve(path: Path) -> Path:
-    """§3.2: a checkpoint directory, or the checkpoint a root's ``latest`` names, else the highest step."""
-    if (path / "manifest.json").exists():
+    """§3.5: what a path names."""
+    if not path.is_dir():
+        raise not_found(f"{path}: no such directory")
+    if _has(path, "manifest.json"):
         return path
-    committed = sorted(
-        (int(p.name[5:]), p) for p in path.iterdir() if STEP_DIR.fullmatch(p.name) and (p / "manifest.json").is_file()
-    )
-    try:
-        name = (path / "latest").read_bytes().decode("utf-8").strip()
-    except (OSError, UnicodeError):
-        name = ""
-    if STEP_DIR.fullmatch(name) and (path / name / "manifest.json").is_file():
-        return path / name
-    if not committed:
-        raise SpecError(f"{path}: no committed checkpoint")
-    return committed[-1][1]
+    if _has(path, "model.pt", regular=True) and _has(path, "metadata.json", regular=True):
+        raise SpecError("NotImplemented", f"{path}: format 0 is out of this reader's scope")
+    if step_of(path.name) is not None or _has(path, "model.safetensors"):
+        raise not_found(f"{path}: manifest.json is missing; the checkpoint is incomplete")
+    return latest(path)
 
 
-def _plain_nonnegative(value: Any) -> bool:
-    return type(value) is int and value >= 0
+# --------------------------------------------------------------------------------------------------
+# §7, §10, §13: the manifest and the listed files
+# --------------------------------------------------------------------------------------------------
 
 
 def read_manifest(directory: Path) -> dict[str, Any]:
-    """§7, §10, §15: the manifest, its version and its checksum."""
+    """§7, §10, §13 step 1 and 2, §15: the manifest, its version, schema, checksum, names and step."""
     data = read_regular(directory / "manifest.json")
     doc = strict_json(data)
-    if not isinstance(doc, dict) or doc.get("format") != "portable-ckpt":
-        raise SpecError("not a portable-ckpt manifest")
-    if type(doc.get("format_version")) is not int or doc["format_version"] != 1:
-        raise SpecError(f"format_version {doc.get('format_version')!r} is not 1")
-    if doc.get("checksum_algorithm") != "xxh3-128":
-        raise SpecError("checksum_algorithm is not xxh3-128")
-    # §17: integers are written without fraction or exponent, so they parse as int (5.0 parses as a float)
-    if not _plain_nonnegative(doc.get("step")):
-        raise SpecError(f"step {doc.get('step')!r} is not a plain integer >= 0")
-    files = doc.get("files")
-    if not isinstance(files, dict) or not all(
-        isinstance(e, dict) and _plain_nonnegative(e.get("size")) for e in files.values()
-    ):
-        raise SpecError("files: every entry needs a size that is a plain integer >= 0")
+    if not isinstance(doc, dict):
+        raise corrupted("manifest.json is not an object")
+    version = doc.get("format_version")
+    if doc.get("format") == "portable-ckpt" and type(version) is int and version > 1:
+        raise SpecError("UnsupportedFormatVersionError", f"format_version {version} is newer than 1")
+    validate(doc, "manifest")
     trailer = TRAILER.search(data)
     if trailer is None:
-        raise SpecError("manifest.json does not end with its manifest_checksum member")
+        raise corrupted("manifest.json does not end with its manifest_checksum member")
     digest = trailer.group(1).decode("ascii")
     if xxh3(data[: trailer.start()] + b"}\n") != digest or doc.get("manifest_checksum") != digest:
-        raise SpecError("manifest_checksum does not match")
-    if STEP_DIR.fullmatch(directory.name) and int(directory.name[5:]) != doc["step"]:
-        raise SpecError("step disagrees with the directory name")
+        raise corrupted("manifest_checksum does not match")
     for name in doc["files"]:
         if not FILE_NAME.fullmatch(name) or len(name) > 128 or name in ("manifest.json", "latest"):
-            raise SpecError(f"file name {name!r} is not allowed")
+            raise corrupted(f"file name {name!r} is not allowed")
+    step = step_of(directory.name)
+    if step is not None and step != doc["step"]:
+        raise corrupted("step disagrees with the directory name")
     return doc
 
 
 def read_file(directory: Path, manifest: dict[str, Any], name: str) -> bytes:
-    """§13 step 3: size and checksum of a listed file."""
+    """§13 step 3: a listed file exists, is regular, and has its size and checksum."""
     entry = manifest["files"][name]
-    data = read_regular(directory / name)
+    try:
+        data = read_regular(directory / name)
+    except SpecError as e:
+        if e.error == "CheckpointNotFoundError":
+            raise not_found(f"{name} is listed in the manifest but missing") from None
+        raise
     if len(data) != entry["size"] or xxh3(data) != entry["checksum"]:
-        raise SpecError(f"{name}: size or checksum mismatch")
+        raise corrupted(f"{name}: size or checksum mismatch")
     return data
+
+
+# --------------------------------------------------------------------------------------------------
+# §5: safetensors
+# --------------------------------------------------------------------------------------------------
 
 
 def parse_safetensors(data: bytes) -> tuple[dict[str, torch.Tensor], dict[str, tuple[int, int]]]:
     """§5.5: the tensors of a safetensors file, and each one's absolute byte range."""
     if len(data) < 8:
-        raise SpecError("shorter than 8 bytes")
+        raise corrupted("shorter than 8 bytes")
     (n,) = struct.unpack("<Q", data[:8])
     if n > MAX_HEADER or 8 + n > len(data):
-        raise SpecError(f"header length {n}")
-    try:
-        header = json.loads(data[8 : 8 + n].decode("utf-8"), object_pairs_hook=_pairs)
-    except (UnicodeError, ValueError) as e:
-        raise SpecError(f"header: {e}") from None
+        raise corrupted(f"header length {n}")
+    header = json_text(data[8 : 8 + n])  # §5.5 item 3: the rules of every JSON text, the header's own limit
     if not isinstance(header, dict):
-        raise SpecError("header is not an object")
+        raise corrupted("header is not an object")
     meta = header.pop("__metadata__", {})
     if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
-        raise SpecError("__metadata__")
+        raise corrupted("__metadata__")
     spans = []
     for name, entry in header.items():
         if not name or not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
-            raise SpecError(f"entry {name!r}")
+            raise corrupted(f"entry {name!r}")
         dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
         if dtype not in DTYPES:
-            raise SpecError(f"unknown dtype {dtype!r}")
+            raise corrupted(f"unknown dtype {dtype!r}")
         if (
             not isinstance(shape, list)
             or not all(type(d) is int and 0 <= d < 2**64 for d in shape)
@@ -224,23 +377,23 @@ def parse_safetensors(data: bytes) -> tuple[dict[str, torch.Tensor], dict[str, t
             or len(offsets) != 2
             or not all(type(o) is int and 0 <= o < 2**64 for o in offsets)
         ):
-            raise SpecError(f"entry {name!r}")
+            raise corrupted(f"entry {name!r}")
         begin, end = offsets
         numel = 1
         for d in shape:  # §5.5: every running product of the dimensions stays below 2**64
             numel *= d
             if numel >= 2**64:
-                raise SpecError(f"entry {name!r}: 2**64 elements or more")
+                raise corrupted(f"entry {name!r}: 2**64 elements or more")
         if not 0 <= begin <= end or end - begin != numel * DTYPES[dtype][2]:
-            raise SpecError(f"entry {name!r}: offsets")
+            raise corrupted(f"entry {name!r}: offsets")
         spans.append((begin, end, name, dtype, shape))
     cursor = 0
     for begin, end, name, _, _ in sorted(spans):
         if begin != cursor:
-            raise SpecError(f"tensor {name!r}: gap or overlap")
+            raise corrupted(f"tensor {name!r}: gap or overlap")
         cursor = end
     if 8 + n + cursor != len(data):
-        raise SpecError("data does not end at the end of the file")
+        raise corrupted("data does not end at the end of the file")
     tensors, ranges = {}, {}
     for begin, end, name, dtype, shape in spans:
         torch_dtype = DTYPES[dtype][1]
@@ -253,24 +406,204 @@ def parse_safetensors(data: bytes) -> tuple[dict[str, torch.Tensor], dict[str, t
     return tensors, ranges
 
 
+def _dtype_name(t: torch.Tensor) -> str:
+    return next(name for name, (_, dtype, _) in DTYPES.items() if dtype == t.dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# §4: the restricted .pt encoding
+# --------------------------------------------------------------------------------------------------
+
+
+def _pt_record(data: bytes, info: zipfile.ZipInfo) -> bytes:
+    """A stored member's bytes, through its local header, which must agree with the central directory."""
+    at = info.header_offset
+    if data[at : at + 4] != b"PK\x03\x04" or struct.unpack("<H", data[at + 8 : at + 10])[0] != 0:
+        raise corrupted(f"{info.filename}: local header")
+    name_len, extra_len = struct.unpack("<HH", data[at + 26 : at + 30])
+    if data[at + 30 : at + 30 + name_len] != info.orig_filename.encode("utf-8" if info.flag_bits & 0x800 else "cp437"):
+        raise corrupted(f"{info.filename}: local header name")
+    start = at + 30 + name_len + extra_len
+    return data[start : start + info.compress_size]
+
+
+def check_pt(data: bytes) -> None:
+    """§4: the container and its records, then every opcode and global of data.pkl."""
+    if len(data) < 22 or data[-22:-18] != b"PK\x05\x06" or data[-2:] != b"\0\0":
+        raise corrupted("not a zip archive ending with its end-of-central-directory record")
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as z:
+            infos = z.infolist()
+    except (zipfile.BadZipFile, ValueError, EOFError, struct.error) as e:
+        raise corrupted(f"not a zip archive: {e}") from None
+    names = [i.filename for i in infos]
+    if not infos or min(i.header_offset for i in infos) != 0 or len(set(names)) != len(names):
+        raise corrupted("zip layout")
+    archive = names[0].split("/", 1)[0]
+    records = {}
+    for info in infos:
+        top, _, record = info.filename.partition("/")
+        if top != archive or not record or top in ("", ".", "..") or "\\" in top or "\0" in top:
+            raise corrupted(f"member {info.filename!r}")
+        if record not in PT_RECORDS and not PT_STORAGE_RECORD.fullmatch(record):
+            raise corrupted(f"member {info.filename!r} is not a record of torch.save")
+        if info.compress_type != 0 or info.flag_bits & 1 or info.file_size != info.compress_size:
+            raise corrupted(f"member {info.filename!r} is compressed or encrypted")
+        if record in PT_RECORDS:
+            if info.file_size > PT_RECORDS[record]:
+                raise corrupted(f"member {info.filename!r} is too large")
+            records[record] = _pt_record(data, info)
+    if "data.pkl" not in records or records.get("byteorder", b"little") != b"little":
+        raise corrupted("data.pkl or byteorder")
+    pickle_bytes = records["data.pkl"]
+    before: list[str] = []
+    end = None
+    try:
+        for op, arg, pos in pickletools.genops(pickle_bytes):
+            if op.name == "GLOBAL":
+                module, _, name = arg.partition(" ")
+                full = f"{'builtins' if module == '__builtin__' else module}.{name}"
+                if full not in PT_GLOBALS:
+                    raise SpecError("CheckpointUnsafeError", f"unsafe: global {full}")
+            elif op.name not in PT_OPCODES:
+                raise SpecError("CheckpointUnsafeError", f"unsafe: opcode {op.name}")
+            if (pos == 0) != (op.name == "PROTO") or (op.name == "PROTO" and arg != 2):
+                raise corrupted("data.pkl does not begin with PROTO 2")
+            if (
+                op.name == "BINPERSID"
+                and before[-1:] != ["TUPLE"]
+                and before[-2:] not in (["TUPLE", "BINPUT"], ["TUPLE", "LONG_BINPUT"])
+            ):
+                raise corrupted("a persistent id that is not a tuple")
+            before.append(op.name)
+            if op.name == "STOP":
+                end = pos + 1
+    except ValueError as e:
+        raise corrupted(f"data.pkl is not a pickle: {e}") from None
+    if end != len(pickle_bytes):
+        raise corrupted("bytes after STOP")
+
+
+UNPICKLING_ERRORS = (
+    pickle.UnpicklingError,
+    zipfile.BadZipFile,
+    RuntimeError,
+    ValueError,
+    LookupError,
+    TypeError,
+    AttributeError,
+    AssertionError,
+    EOFError,
+    ArithmeticError,
+    ImportError,
+    RecursionError,
+    MemoryError,
+)
+
+
+def load_pt(data: bytes) -> Any:
+    """§4: checked statically, then unpickled with an unpickler that refuses everything else."""
+    check_pt(data)
+    try:
+        return torch.load(io.BytesIO(data), weights_only=True)
+    except UNPICKLING_ERRORS as e:  # §4: whatever the unpickler raises is CheckpointCorruptedError
+        raise corrupted(f"unpickling failed: {type(e).__name__}") from None
+
+
+# --------------------------------------------------------------------------------------------------
+# the checkpoint
+# --------------------------------------------------------------------------------------------------
+
+
+def _check_rng(directory: Path, manifest: dict[str, Any]) -> None:
+    """§4 (listed together), §7 (`rng`), §14 (the tensors)."""
+    files, sources = manifest["files"], manifest.get("rng", [])
+    listed = [name for name in ("rng.json", "rng.safetensors") if name in files]
+    if len(listed) == 1:
+        raise corrupted("rng.json and rng.safetensors go together")
+    if not listed:
+        if sources:
+            raise corrupted("rng lists generators but there are no RNG files")
+        return
+    doc = strict_json(read_file(directory, manifest, "rng.json"))
+    validate(doc, "rng")
+    tensors, _ = parse_safetensors(read_file(directory, manifest, "rng.safetensors"))
+    expected = {"torch.cpu": RNG_TENSORS["torch.cpu"]}
+    expected.update({k: RNG_TENSORS[k] for k in ("python", "numpy") if doc[k] is not None})
+    expected.update({f"torch.cuda.{i}": CUDA_STATE for i in range(doc["torch"]["cuda_devices"])})
+    if set(tensors) != set(expected):
+        raise corrupted(f"rng.safetensors holds {sorted(tensors)}, rng.json calls for {sorted(expected)}")
+    for name, (dtype, shape) in expected.items():
+        if (_dtype_name(tensors[name]), list(tensors[name].shape)) != (dtype, shape):
+            raise corrupted(f"rng tensor {name}")
+    if sources != sorted(expected):
+        raise corrupted("the manifest's rng disagrees with rng.safetensors")
+    words = tensors.get("python")
+    if words is not None and not (all(0 <= w < 2**32 for w in words[:624].tolist()) and 0 <= words[624] <= 624):
+        raise corrupted("python state out of range")
+    keys = tensors.get("numpy")
+    if keys is not None and bool(((keys < 0) | (keys >= 2**32)).any()):
+        raise corrupted("numpy state out of range")
+
+
+QUANT = "QuantizationMetadataError"
+
+
+def _check_quantization(directory: Path, manifest: dict[str, Any]) -> None:
+    """§7 `quantization` and quantization.md's manifest summary; the module-by-module checks are out of scope."""
+    summary = manifest.get("quantization")
+    if summary is None:
+        return
+    name = summary["metadata_file"]
+    if name not in manifest["files"]:
+        raise SpecError(QUANT, "the quantization metadata is not listed")
+    data = read_file(directory, manifest, name)  # listed but absent: CheckpointNotFoundError (step 3)
+    try:
+        meta = strict_json(data)
+    except SpecError as e:
+        raise SpecError(QUANT, str(e)) from None
+    if isinstance(meta, dict) and type(meta.get("format_version")) is int and meta["format_version"] > 1:
+        raise SpecError("UnsupportedFormatVersionError", "quantization metadata format_version is newer than 1")
+    validate(meta, "quantization_metadata", QUANT)
+    for key in ("mode", "bits", "symmetric", "granularity", "group_size"):
+        if key in summary and (type(summary[key]) is not type(meta[key]) or summary[key] != meta[key]):
+            raise SpecError(QUANT, f"the manifest's {key} disagrees with the metadata")
+
+
 def load(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """The manifest and the model state (aliases included) of the checkpoint at ``path``."""
+    """The manifest and the model state (aliases included) of the checkpoint at ``path`` (§13's order)."""
     directory = resolve(Path(path))
     manifest = read_manifest(directory)
-    for name in manifest["files"]:
+    files = manifest["files"]
+    for name in files:
         read_file(directory, manifest, name)  # every listed file, known or not
+    if ("rng.json" in files) != ("rng.safetensors" in files):
+        raise corrupted("rng.json and rng.safetensors go together")
     data = read_file(directory, manifest, "model.safetensors")
     tensors, ranges = parse_safetensors(data)
-    listed = manifest["files"]["model.safetensors"].get("tensors")
+    listed = files["model.safetensors"].get("tensors")
     if listed is not None:
         if set(listed) != set(tensors):
-            raise SpecError("tensor table disagrees with model.safetensors")
+            raise corrupted("tensor table disagrees with model.safetensors")
         for name, (begin, end) in ranges.items():
             if xxh3(data[begin:end]) != listed[name]:
-                raise SpecError(f"tensor {name!r}: checksum mismatch")
+                raise corrupted(f"tensor {name!r}: checksum mismatch")
+    _check_quantization(directory, manifest)
     state = dict(tensors)
     for alias, target in manifest.get("aliases", {}).items():
         if target not in tensors or alias in tensors:
-            raise SpecError(f"alias {alias!r} -> {target!r}")
+            raise corrupted(f"alias {alias!r} -> {target!r}")
         state[alias] = tensors[target]
+    for name in ("optimizer.pt", "scheduler.pt", "scaler.pt"):
+        if name in files:
+            obj = load_pt(read_file(directory, manifest, name))
+            if not isinstance(obj, dict) or (name == "optimizer.pt" and not {"state", "param_groups"} <= set(obj)):
+                raise corrupted(f"{name} is not a state_dict")
+    _check_rng(directory, manifest)
+    for name in sorted(JSON_FILES & set(files) - {"rng.json", "quantization_metadata.json"}):
+        doc = strict_json(read_file(directory, manifest, name))
+        if name == "config.json" and not isinstance(doc, dict):
+            raise corrupted("config.json is not an object")
+        if name == "vocab.json":
+            validate(doc, "vocab")
     return manifest, state

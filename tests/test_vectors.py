@@ -21,7 +21,7 @@ import pytest
 import torch
 
 import portable_ckpt
-from portable_ckpt import convert, load_checkpoint
+from portable_ckpt import convert_format0, errors, load_checkpoint
 from portable_ckpt.cli import main
 from portable_ckpt.format.hashing import checksum
 from portable_ckpt.format.manifest import encode
@@ -66,7 +66,7 @@ def test_index_lists_every_vector_once():
         if entry["valid"]:
             assert entry["error"] is None and type(entry["step"]) is int
         else:
-            assert isinstance(getattr(portable_ckpt, entry["error"]), type) and entry["message_contains"]
+            assert isinstance(getattr(errors, entry["error"]), type) and entry["message_contains"]
 
 
 def test_vectors_are_small_and_survive_a_git_clone():
@@ -90,7 +90,7 @@ def test_load_checkpoint(entry: dict[str, Any], tmp_path: Path, cwd: Path):
         assert ckpt.step == entry["step"]
         assert ckpt.format_version == (0 if "legacy" in entry["name"] else 1)
     else:
-        expected = getattr(portable_ckpt, entry["error"])
+        expected = getattr(errors, entry["error"])
         with pytest.raises(expected) as info:
             load_checkpoint(path, restore_rng=False)
         assert type(info.value).__name__ == entry["error"]
@@ -134,6 +134,19 @@ def test_hostile_pickles_would_run_code_and_never_do(name: str, tmp_path: Path, 
     assert any((cwd / marker).is_dir() for marker in MARKERS)
 
 
+def test_the_pt_vectors_have_teeth():
+    """What the format refuses, torch alone does not: torch.load(weights_only=True) accepts the Parameter, and
+    fails on the integer persistent id with a bare AssertionError (the regression the static check guards)."""
+    state = torch.load(VECTORS / "invalid-pt-global-not-allowed" / "optimizer.pt", weights_only=True)
+    assert isinstance(state["state"][0]["momentum_buffer"], torch.nn.Parameter)
+    with pytest.raises(AssertionError, match="saved_id must be a tuple, got int"):
+        torch.load(VECTORS / "invalid-pt-persistent-id-int" / "optimizer.pt", weights_only=True)
+    with zipfile.ZipFile(VECTORS / "invalid-pt-compressed-member" / "optimizer.pt") as z:
+        methods = {i.filename.rsplit("/", 1)[-1]: i.compress_type for i in z.infolist()}
+    assert methods["data.pkl"] == zipfile.ZIP_DEFLATED
+    assert {m for name, m in methods.items() if name != "data.pkl"} == {zipfile.ZIP_STORED}
+
+
 def _move_checksum_last(path: Path) -> None:
     (path / "manifest.json").write_bytes(encode(json.loads((path / "manifest.json").read_bytes())))
 
@@ -152,10 +165,27 @@ def _fix_checksum(path: Path) -> None:
     (path / "manifest.json").write_bytes(encode(doc))
 
 
+def _summary_as_metadata(path: Path) -> None:
+    doc = json.loads((path / "manifest.json").read_bytes())
+    doc["quantization"]["symmetric"] = json.loads((path / "quantization_metadata.json").read_bytes())["symmetric"]
+    (path / "manifest.json").write_bytes(encode(doc))
+
+
+def _rng_list_from_file(path: Path) -> None:
+    from safetensors import safe_open
+
+    doc = json.loads((path / "manifest.json").read_bytes())
+    with safe_open(str(path / "rng.safetensors"), framework="pt") as f:
+        doc["rng"] = sorted(f.keys())
+    (path / "manifest.json").write_bytes(encode(doc))
+
+
 REPAIRS = {
     "invalid-manifest-checksum-not-last": _move_checksum_last,  # the checksum's value is already right
     "invalid-file-name-newline": _rename_listed,
-    "invalid-unused-file-checksum": _fix_checksum,
+    "invalid-unused-file-checksum": _fix_checksum,  # listed while quantization is null: verified, then ignored
+    "invalid-quantization-summary-mismatch": _summary_as_metadata,
+    "invalid-rng-manifest-list": _rng_list_from_file,
 }
 
 
@@ -172,14 +202,14 @@ def test_validate_reports_one_problem_per_damaged_file_else_the_first_structural
         data = bytearray((path / name).read_bytes())
         data[-2] ^= 0x01
         (path / name).write_bytes(bytes(data))
-    problems = validate_checkpoint(path)
+    problems = validate_checkpoint(path).problems
     assert [(Path(p.file).name, p.error) for p in problems] == [
         ("optimizer.pt", "CheckpointCorruptedError"),
         ("vocab.json", "CheckpointCorruptedError"),
     ]
     assert all("checksum mismatch" in p.message for p in problems)
     # files intact, structure broken: the first structural problem, as a load reports it
-    problems = validate_checkpoint(copy_vector("invalid-alias-target", tmp_path))
+    problems = validate_checkpoint(copy_vector("invalid-alias-target", tmp_path)).problems
     assert len(problems) == 1 and "which is not stored" in problems[0].message
 
 
@@ -228,7 +258,7 @@ def test_valid_full_restores_model_optimizer_scheduler_and_rng(tmp_path: Path):
 def test_valid_legacy_converts_to_format_1(tmp_path: Path):
     src = copy_vector("valid-legacy", tmp_path)
     old = load_checkpoint(src)
-    new = load_checkpoint(convert(src, tmp_path / "converted"))
+    new = load_checkpoint(convert_format0(src, tmp_path / "converted"))
     assert (old.format_version, new.format_version, new.step) == (0, 1, 42)
     assert new.model_state.keys() == old.model_state.keys()
     assert all(torch.equal(new.model_state[k], v) for k, v in old.model_state.items())
@@ -240,7 +270,7 @@ def test_valid_root_replaced_is_put_back_when_a_manager_opens_the_root(tmp_path:
     root = copy_vector("valid-root-replaced", tmp_path)
     (replaced,) = [p for p in root.iterdir() if p.name.startswith(".replaced-")]
     assert load_checkpoint(root, restore_rng=False).step == 10  # a plain reader ignores .replaced-*
-    assert validate_checkpoint(root) == []
+    assert validate_checkpoint(root).problems == ()
     portable_ckpt.CheckpointManager(root).close()  # its writer's pid names no process: step 20 goes back
     assert not replaced.exists() and (root / "step-00000020" / "manifest.json").is_file()
     assert (root / "latest").read_text() == "step-00000020\n"

@@ -62,12 +62,15 @@ def validate(doc: Any, label: str) -> None:
     _schemas.validate({**doc, "files": slim}, "manifest", label)
     for name, table in tables.items():
         if not isinstance(table, dict):
-            raise CheckpointCorruptedError(f"{label}: schema violation at $.files.{name}.tensors: not an object")
+            raise CheckpointCorruptedError(
+                f"{label}: schema violation at $.files.{name}.tensors: not an object", file=label
+            )
         for tensor, digest in table.items():
             if not (isinstance(digest, str) and _CHECKSUM.fullmatch(digest)):
                 raise CheckpointCorruptedError(
                     f"{label}: schema violation at $.files.{name}.tensors.{tensor}: {digest!r} is not 32 lowercase "
-                    "hex digits"
+                    "hex digits",
+                    file=label,
                 )
 
 
@@ -105,7 +108,9 @@ def read_regular(path: Path, filename: str, limit: int | None = None) -> bytes:
     with _layout.open_regular(path, filename) as f:
         st = os.fstat(f.fileno())
         if limit is not None and st.st_size > limit:
-            raise CheckpointCorruptedError(f"{path}: {filename} is {st.st_size} bytes, over the limit of {limit}")
+            raise CheckpointCorruptedError(
+                f"{path}: {filename} is {st.st_size} bytes, over the limit of {limit}", file=path
+            )
         return f.read()
 
 
@@ -114,27 +119,32 @@ def parse(data: bytes, *, where: str) -> dict[str, Any]:
     label = f"{where}/{MANIFEST}" if where else MANIFEST
     doc = _jsonio.loads(data, label)
     if not isinstance(doc, dict):
-        raise CheckpointCorruptedError(f"{label}: expected a JSON object, found {type(doc).__name__}")
+        raise CheckpointCorruptedError(f"{label}: expected a JSON object, found {type(doc).__name__}", file=label)
     version = doc.get("format_version")
     if doc.get("format") == FORMAT and type(version) is int and version > FORMAT_VERSION:
         raise UnsupportedFormatVersionError(
             f"{label}: format_version {version} is newer than this reader supports ({FORMAT_VERSION}); "
-            "upgrade portable-ckpt to read it"
+            "upgrade portable-ckpt to read it",
+            file=label,
         )
     validate(doc, label)
     trailer = _TRAILER.search(data)
     if trailer is None or trailer.group(1).decode("ascii") != doc["manifest_checksum"]:
         raise CheckpointCorruptedError(
             f'{label}: the file must end with ,"manifest_checksum":"<32 hex digits>"}} and a newline '
-            "(the checksum is the last member); the manifest was modified or damaged"
+            "(the checksum is the last member); the manifest was modified or damaged",
+            file=label,
         )
     expected = checksum(data[: trailer.start()] + b"}\n")
     if doc["manifest_checksum"] != expected:
         raise CheckpointCorruptedError(
             f"{label}: manifest_checksum is {doc['manifest_checksum']} but the manifest's content hashes to "
-            f"{expected}; the manifest was modified or damaged"
+            f"{expected}; the manifest was modified or damaged",
+            file=label,
         )
     for name in doc["files"]:
         if not FILE_NAME.fullmatch(name):
-            raise CheckpointCorruptedError(f"{label}: file name {name!r} is not allowed (expected {FILE_NAME.pattern})")
+            raise CheckpointCorruptedError(
+                f"{label}: file name {name!r} is not allowed (expected {FILE_NAME.pattern})", file=label
+            )
     return doc

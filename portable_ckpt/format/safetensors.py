@@ -8,20 +8,19 @@ back with ``readinto`` into freshly allocated tensors. Files are byte-identical 
 from __future__ import annotations
 
 import ctypes
-import io
 import json
-import os
 import struct
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
 from portable_ckpt import threads as _threads
 from portable_ckpt.errors import CheckpointCorruptedError, CheckpointInputError
+from portable_ckpt.format import jsonio as _jsonio
 from portable_ckpt.format.hashing import Hasher, new_hasher
-from portable_ckpt.format.jsonio import unique_keys
 
 # safetensors dtype name -> torch dtype, listed in the order of the format's dtype enum.
 # Tensors are laid out by this order descending, then by name (as the reference writer does).
@@ -132,10 +131,24 @@ def layout(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | No
     return struct.pack("<Q", len(raw)) + raw, order
 
 
-def _write_all(fd: int, view: memoryview) -> None:
+class Sink(Protocol):
+    """Where a writer puts bytes: ``write`` may take fewer bytes than given and returns how many."""
+
+    def write(self, data: memoryview, /) -> int: ...
+
+
+class Source(Protocol):
+    """What a reader reads from: a file-like object positioned by ``seek``."""
+
+    def read(self, n: int = -1, /) -> bytes: ...
+    def readinto(self, view: memoryview | bytearray, /) -> int: ...
+    def seek(self, pos: int, /) -> int: ...
+
+
+def _write_all(sink: Sink, view: memoryview) -> None:
     pos = 0
     while pos < len(view):
-        pos += os.write(fd, view[pos : pos + _CHUNK])
+        pos += sink.write(view[pos : pos + _CHUNK])
 
 
 def _hash_into(view: memoryview, file_hash: Hasher) -> str:
@@ -145,12 +158,12 @@ def _hash_into(view: memoryview, file_hash: Hasher) -> str:
     return tensor_hash.hexdigest()
 
 
-def write_file(
-    path: str | os.PathLike[str],
+def write(
+    sink: Sink,
     tensors: Mapping[str, torch.Tensor],
     metadata: Mapping[str, str] | None = None,
 ) -> WriteResult:
-    """Write ``tensors`` to a new file at ``path``; returns its size and checksums. Does not fsync.
+    """Write ``tensors`` as one safetensors file into ``sink``; returns its size and checksums.
 
     Tensors on other devices or not contiguous are staged through host memory one at a time, so
     the extra memory is at most the largest such tensor. Large tensors are hashed on a second
@@ -160,28 +173,25 @@ def write_file(
     file_hash = new_hasher()
     file_hash.update(head)
     checksums: dict[str, str] = {}
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    try:
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="portable-ckpt-hash") as hasher:
-            _write_all(fd, memoryview(head))
-            for name in order:
-                host = _host_contiguous(tensors[name])
-                view = tensor_bytes(host)
-                if len(view) < _OVERLAP_MIN_BYTES:  # a thread hand-off costs more than hashing a small tensor
-                    checksums[name] = _hash_into(view, file_hash)
-                    _write_all(fd, view)
-                    continue
-                digest = _threads.submit(hasher, _hash_into, view, file_hash)
-                _write_all(fd, view)
-                checksums[name] = digest.result()
-        size = os.fstat(fd).st_size
-    finally:
-        os.close(fd)
+    size = len(head)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="portable-ckpt-hash") as hasher:
+        _write_all(sink, memoryview(head))
+        for name in order:
+            host = _host_contiguous(tensors[name])
+            view = tensor_bytes(host)
+            size += len(view)
+            if len(view) < _OVERLAP_MIN_BYTES:  # a thread hand-off costs more than hashing a small tensor
+                checksums[name] = _hash_into(view, file_hash)
+                _write_all(sink, view)
+                continue
+            digest = _threads.submit(hasher, _hash_into, view, file_hash)
+            _write_all(sink, view)
+            checksums[name] = digest.result()
     return WriteResult(size=size, checksum=file_hash.hexdigest(), tensor_checksums=checksums)
 
 
 def _bad(filename: str, what: str) -> CheckpointCorruptedError:
-    return CheckpointCorruptedError(f"{filename}: {what}")
+    return CheckpointCorruptedError(f"{filename}: {what}", file=filename)
 
 
 def _parse_entry(filename: str, name: object, raw: object, data_start: int) -> TensorEntry:
@@ -224,13 +234,21 @@ def parse_header(prefix: bytes, file_size: int, filename: str) -> Header:
     if 8 + length > file_size or len(prefix) < 8 + length:
         raise _bad(filename, f"header length {length} runs past the end of the file ({file_size} bytes)")
     try:
-        doc = json.loads(prefix[8 : 8 + length].decode("utf-8"), object_pairs_hook=unique_keys)
+        # the JSON rules of every document (format_spec §17), except the size limit, which is MAX_HEADER_BYTES
+        doc = json.loads(
+            prefix[8 : 8 + length].decode("utf-8"),
+            object_pairs_hook=_jsonio.unique_keys,
+            parse_constant=_jsonio.reject_constant,
+            parse_int=_jsonio.bounded_int,
+        )
     except UnicodeDecodeError as e:
         raise _bad(filename, f"header is not UTF-8 (byte {e.start + 8})") from None
     except (ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError; so are duplicate names
         raise _bad(filename, f"header is not valid JSON ({e})") from None
     if not isinstance(doc, dict):
         raise _bad(filename, "header is not a JSON object")
+    if _jsonio.has_lone_surrogate(prefix[8 : 8 + length], doc):
+        raise _bad(filename, "header is not valid JSON (a string holds a lone surrogate)")
     metadata = doc.pop("__metadata__", {})
     if not isinstance(metadata, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
@@ -255,7 +273,7 @@ def parse_header(prefix: bytes, file_size: int, filename: str) -> Header:
     return Header(entries=tuple(entries), metadata=metadata, data_start=data_start)
 
 
-def read_header(f: io.BufferedReader, file_size: int, filename: str) -> tuple[Header, bytes]:
+def read_header(f: Source, file_size: int, filename: str) -> tuple[Header, bytes]:
     """Read and validate the header at the start of ``f``; returns it with its raw bytes."""
     first = f.read(8)
     if len(first) < 8:
@@ -267,9 +285,7 @@ def read_header(f: io.BufferedReader, file_size: int, filename: str) -> tuple[He
     return parse_header(raw, file_size, filename), raw
 
 
-def readinto_tensor(
-    f: io.BufferedReader, entry: TensorEntry, dst: torch.Tensor, hashers: Iterable[Hasher], filename: str
-) -> None:
+def readinto_tensor(f: Source, entry: TensorEntry, dst: torch.Tensor, hashers: Iterable[Hasher], filename: str) -> None:
     """Fill contiguous CPU tensor ``dst`` with the entry's bytes read at the file's current position."""
     view = tensor_bytes(dst)
     pos = 0
@@ -283,7 +299,7 @@ def readinto_tensor(
 
 
 def read_tensors(
-    f: io.BufferedReader,
+    f: Source,
     header: Header,
     filename: str,
     *,

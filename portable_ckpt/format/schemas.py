@@ -69,4 +69,4 @@ def validate(
     found = jsonschema.exceptions.best_match(_validator(kind).iter_errors(doc))
     if found is not None:
         message = found.message if len(found.message) <= 300 else found.message[:300] + "..."
-        raise error(f"{filename}: schema violation at {_where(found.absolute_path)}: {message}")
+        raise error(f"{filename}: schema violation at {_where(found.absolute_path)}: {message}", file=filename)
