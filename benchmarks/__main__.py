@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any
 
 from . import report
-
 from .states import StateSpec
 
 HERE = Path(__file__).resolve().parent

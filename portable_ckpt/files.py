@@ -32,6 +32,7 @@ from portable_ckpt.quant import quantize as _quant
 from portable_ckpt.storage import ReadFile, Storage
 
 _HASH_CHUNK = 8 << 20
+SUMMARY_FIELDS = ("mode", "bits", "symmetric", "granularity", "group_size")
 
 
 class CheckpointFiles:
@@ -211,7 +212,7 @@ def read_quantization(
     if summary is None:
         return None
     name = summary["metadata_file"]
-    if name not in files.entries or not files.exists(name):
+    if name not in files.entries:
         raise QuantizationMetadataError(
             f"{files.label(name)}: the quantization metadata file is missing, but the manifest says the model "
             f"is quantized (mode {summary['mode']}, {summary['bits']} bits)",
@@ -226,8 +227,8 @@ def read_quantization(
             file=files.label(name),
         )
     _schemas.validate(meta, "quantization_metadata", files.label(name), QuantizationMetadataError)
-    for key in ("mode", "bits"):
-        if meta.get(key) != summary[key]:
+    for key in SUMMARY_FIELDS:  # the manifest's summary copies these from the metadata (quantization.md)
+        if key in summary and (type(meta.get(key)) is not type(summary[key]) or meta.get(key) != summary[key]):
             raise QuantizationMetadataError(
                 f"{files.label(name)}: {key} is {meta.get(key)!r} but the manifest says {summary[key]!r}",
                 file=files.label(name),

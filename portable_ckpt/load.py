@@ -163,10 +163,11 @@ def _read(
         )
     vocab = files.read_json(names.VOCAB, "vocab") if names.VOCAB in listed else None
     rng = None
+    _rng.check_listed(listed, manifest.get("rng", []), files.label(names.MANIFEST))
     if names.RNG_JSON in listed:
         doc = files.read_json(names.RNG_JSON, "rng")
         _, rng_tensors = files.read_tensors(names.RNG_TENSORS) if names.RNG_TENSORS in listed else (None, {})
-        _rng.check(rng_tensors, doc)
+        _rng.check(rng_tensors, doc, manifest.get("rng", []))
         rng = {"doc": doc, "tensors": rng_tensors}
     user_states: dict[str, dict[str, Any]] = {}
     if names.STATES_JSON in listed:

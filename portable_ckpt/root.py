@@ -28,7 +28,7 @@ def display(storage: Storage) -> Path | str:
 
 
 def is_legacy(storage: Storage) -> bool:
-    return all(storage.kind(name) in ("file", "link") for name in LEGACY_FILES)  # read() refuses links
+    return all(storage.kind(name) == "file" for name in LEGACY_FILES)  # regular files, not links (spec §3.5)
 
 
 _CONVERT = (

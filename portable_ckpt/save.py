@@ -155,6 +155,9 @@ def snapshot(
         scheduler.state_dict() if scheduler is not None else None,
         scaler.state_dict() if scaler is not None else None,
     ]
+    for what, state in zip(("optimizer", "scheduler", "scaler"), pt_states, strict=True):
+        if state is not None:
+            _pt.check_state(state, what)  # at the call, also for a background save
     if pool is not None:
         tensors = {k: _host_copy(v, pool, f"model/{k}") for k, v in tensors.items()}
         pt_states = [_host_copy(s, pool, f"state{i}") for i, s in enumerate(pt_states)]
@@ -208,7 +211,7 @@ def _write_contents(staging: Staging, snap: Snapshot) -> dict[str, dict[str, Any
         files[names.MODEL]["tensors"] = tensor_checksums
         for name, state in zip(names.PT_FILES, (snap.optimizer, snap.scheduler, snap.scaler), strict=True):
             if state is not None:
-                put(name, functools.partial(_pt_file, state=state))
+                put(name, functools.partial(_pt_file, state=state, what=name.removesuffix(".pt")))
         docs: dict[str, Any] = {names.CONFIG: snap.config, names.VOCAB: snap.vocab}
         if snap.rng_doc is not None:
             put(names.RNG_TENSORS, lambda f: _sizes(_safetensors.write(f, snap.rng_tensors)))
@@ -231,8 +234,8 @@ def _sizes(result: _safetensors.WriteResult) -> tuple[int, str]:
     return result.size, result.checksum
 
 
-def _pt_file(f: WriteFile, *, state: Any) -> tuple[int, str]:
-    return _pt.save(f, state)  # type: ignore[arg-type]
+def _pt_file(f: WriteFile, *, state: Any, what: str) -> tuple[int, str]:
+    return _pt.save(f, state, what=what)  # type: ignore[arg-type]
 
 
 def _json_file(f: WriteFile, *, data: bytes) -> tuple[int, str]:

@@ -14,6 +14,7 @@ from torch import nn
 
 from portable_ckpt import (
     CheckpointInputError,
+    CheckpointNotFoundError,
     QuantizationMetadataError,
     StateMismatchError,
     is_quantized,
@@ -161,9 +162,11 @@ def qpath(tmp_path) -> Path:
 
 
 def test_missing_metadata_file(qpath):
+    """Listed but absent is a missing file like any other (spec §13); not listed at all is bad metadata."""
     (qpath / "quantization_metadata.json").unlink()
     with pytest.raises(
-        QuantizationMetadataError, match=r"quantization_metadata.json: the quantization metadata file is missing"
+        CheckpointNotFoundError,
+        match=r"quantization_metadata.json: quantization_metadata.json is listed in the manifest but missing",
     ):
         load_checkpoint(qpath, model=_float_net())
 

@@ -20,6 +20,7 @@ from portable_ckpt import save as _save
 from portable_ckpt.errors import CheckpointCorruptedError
 from portable_ckpt.format import jsonio as _jsonio
 from portable_ckpt.format import manifest as _manifest
+from portable_ckpt.format import names
 from portable_ckpt.format import pt as _pt
 from portable_ckpt.format import schemas as _schemas
 from portable_ckpt.root import display
@@ -64,6 +65,12 @@ def read(location: str | os.PathLike[str] | Storage, *, map_location: Any = "cpu
 
 def _read(directory: Storage, d: CheckpointDir, map_location: Any) -> Checkpoint:
     meta = _json(d, METADATA, "legacy_metadata")
+    named = names.step_of(d.location.rstrip("/").rsplit("/", 1)[-1])
+    if named is not None and named != meta["step"]:
+        label = f"{d.location}/{METADATA}"
+        raise CheckpointCorruptedError(
+            f"{label}: step is {meta['step']} but the directory is named for step {named}", file=label
+        )
     present = {name: d.kind(name) for name in FILES if d.kind(name) is not None}
     for name, kind in present.items():
         if kind != "file":
