@@ -641,15 +641,39 @@ def invalid_quantized_without_metadata() -> None:
     )
 
 
-def invalid_symlink() -> None:
-    d = checkpoint("invalid-symlinked-file")
+def valid_symlinked_file() -> None:
+    d = checkpoint("valid-symlinked-file")
     (d / "model.safetensors").rename(d / "payload.bin")
     os.symlink("payload.bin", d / "model.safetensors")
     record(
-        "invalid-symlinked-file",
-        "model.safetensors is a symlink to an unlisted file with the right bytes",
+        "valid-symlinked-file",
+        "model.safetensors is a symlink to an unlisted file with the right bytes (readers follow links, §4)",
+        step=5,
+    )
+
+
+def invalid_dangling_symlink() -> None:
+    d = checkpoint("invalid-dangling-symlink")
+    (d / "model.safetensors").unlink()
+    os.symlink("nowhere.bin", d / "model.safetensors")
+    record(
+        "invalid-dangling-symlink",
+        "model.safetensors is a symlink to nothing",
+        error="CheckpointNotFoundError",
+        message="listed in the manifest but missing",
+    )
+
+
+def invalid_symlink_to_directory() -> None:
+    d = checkpoint("invalid-symlink-to-directory")
+    (d / "blobs").mkdir()  # a directory that holds the right file, so git keeps it
+    (d / "model.safetensors").rename(d / "blobs" / "model.safetensors")
+    os.symlink("blobs", d / "model.safetensors")
+    record(
+        "invalid-symlink-to-directory",
+        "model.safetensors is a symlink to a directory",
         error=CORRUPTED,
-        message="symlinks are refused",
+        message="is not a regular file",
     )
 
 
@@ -1194,7 +1218,9 @@ GENERATORS: list[Callable[[], None]] = [
     invalid_tensor_table,
     invalid_version_2,
     invalid_quantized_without_metadata,
-    invalid_symlink,
+    valid_symlinked_file,
+    invalid_dangling_symlink,
+    invalid_symlink_to_directory,
     invalid_dotdot,
     invalid_hostile_pickle,
     invalid_legacy_hostile_pickle,

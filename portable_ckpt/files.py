@@ -108,7 +108,8 @@ class CheckpointFiles:
         if digest != expected:
             raise CheckpointCorruptedError(
                 f"{self.label(name)}: checksum mismatch: the manifest says {expected}, the file hashes to {digest}"
-                + consequence
+                + consequence,
+                file=self.label(name),
             )
 
     def _hash_rest(self, f: ReadFile) -> str:

@@ -19,11 +19,10 @@ from portable_ckpt.types import CheckpointInfo, CommittedStep, FileInfo, Problem
 
 
 def problem_from(e: CheckpointError, fallback: str) -> Problem:
-    """The problem an error reports: the file its message starts with (else ``fallback``), and the rest."""
+    """The problem an error reports: the file it is about (``e.file``, else ``fallback``) and what is wrong."""
     text = str(e)
-    file, sep, message = text.partition(": ")
-    if not sep or ("/" not in file and "." not in file):
-        file, message = fallback, text
+    file = e.file or fallback
+    message = text.removeprefix(f"{file}: ") if e.file else text
     return Problem(file=file, message=message, error=type(e).__name__)
 
 

@@ -213,7 +213,9 @@ class CheckpointManager:
             self._retain()
         except OSError as e:
             raise CheckpointWriteError(
-                e.errno, f"{path} was committed, but removing older checkpoints failed: {e.strerror or e}"
+                e.errno,
+                f"{path} was committed, but removing older checkpoints failed: {e.strerror or e}",
+                file=str(path),
             ) from e
         return path
 

@@ -231,9 +231,9 @@ def validate(doc: Any, schema: str, error: str = "CheckpointCorruptedError") -> 
 
 
 def read_regular(path: Path, limit: int | None = None) -> bytes:
-    """§17: never follow a symlink, never block; only regular files."""
+    """§17: never block; only regular files (a symlink is followed to one, §4)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except FileNotFoundError:
         raise not_found(f"{path.name} is missing") from None
     except OSError as e:
@@ -256,16 +256,16 @@ def step_of(name: str) -> int | None:
 def _committed(root: Path, name: str) -> bool:
     """§3.1: a step directory holding a regular file manifest.json."""
     try:
-        return stat.S_ISREG(os.lstat(root / name / "manifest.json").st_mode)
+        return stat.S_ISREG(os.stat(root / name / "manifest.json").st_mode)
     except (FileNotFoundError, NotADirectoryError):
         return False
 
 
 def _has(path: Path, name: str, *, regular: bool = False) -> bool:
     try:
-        mode = os.lstat(path / name).st_mode
+        mode = os.stat(path / name).st_mode
     except FileNotFoundError:
-        return False
+        return os.path.islink(path / name) and not regular
     return stat.S_ISREG(mode) or not regular
 
 

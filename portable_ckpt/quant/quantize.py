@@ -233,12 +233,13 @@ def check_metadata(
     """
 
     def fail(message: str) -> None:
-        raise QuantizationMetadataError(f"{filename}: {message}")
+        raise QuantizationMetadataError(f"{filename}: {message}", file=filename)
 
     version = metadata["format_version"]
     if version > FORMAT_VERSION:
         raise UnsupportedFormatVersionError(
-            f"{filename}: format_version {version} is newer than this reader's {FORMAT_VERSION}; upgrade portable-ckpt"
+            f"{filename}: format_version {version} is newer than this reader's {FORMAT_VERSION}; upgrade portable-ckpt",
+            file=filename,
         )
     bits, packing, mode, group_size = (
         metadata["bits"],

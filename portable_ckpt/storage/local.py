@@ -104,21 +104,19 @@ def _kind(mode: int) -> Kind:
 
 
 def open_regular(path: Path, what: str, missing: str | None = None, *, dir_fd: int | None = None) -> io.BufferedReader:
-    """Open a checkpoint file for reading; symlinks, directories, pipes and devices are refused.
+    """Open a checkpoint file for reading; it must be (or be a symlink to) a regular file: directories,
+    pipes, devices and dangling links are refused. Reads follow links (a copy made of links to blobs reads
+    like the original: every byte is checked against the manifest); writers never create them.
 
     With ``dir_fd`` the file is opened by name inside that open directory (``path`` names it in
     messages). O_NONBLOCK keeps a named pipe from blocking the open; it changes nothing for regular files.
     """
     try:
-        fd = os.open(
-            path.name if dir_fd is not None else path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=dir_fd
-        )
+        fd = os.open(path.name if dir_fd is not None else path, os.O_RDONLY | os.O_NONBLOCK, dir_fd=dir_fd)
     except FileNotFoundError:
         raise CheckpointNotFoundError(f"{path}: {missing or what + ' is missing'}", file=path) from None
     except OSError as e:
-        raise CheckpointCorruptedError(
-            f"{path}: cannot open {what} ({e.strerror}); symlinks are refused", file=path
-        ) from None
+        raise CheckpointCorruptedError(f"{path}: cannot open {what} ({e.strerror})", file=path) from None
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
         raise CheckpointCorruptedError(f"{path}: {what} is not a regular file", file=path)
@@ -147,9 +145,9 @@ class LocalDir:
 
     def kind(self, name: str) -> Kind | None:
         try:
-            return _kind(os.stat(name, dir_fd=self.fd, follow_symlinks=False).st_mode)
+            return _kind(os.stat(name, dir_fd=self.fd).st_mode)  # what a read would open: links followed
         except FileNotFoundError:
-            return None
+            return "link" if os.path.lexists(os.path.join(self.location, name)) else None
 
     def close(self) -> None:
         os.close(self.fd)
@@ -178,10 +176,12 @@ class LocalStorage:
         return LocalStorage(self.path / name)
 
     def kind(self, name: str | None = None) -> Kind | None:
-        try:  # the location itself may be reached through a link (a path the user gave); its entries may not
-            return _kind(os.lstat(self.path / name).st_mode if name else os.stat(self.path).st_mode)
+        """What a read would open (links followed); a dangling link is ``"link"``."""
+        path = self.path / name if name else self.path
+        try:
+            return _kind(os.stat(path).st_mode)
         except (FileNotFoundError, NotADirectoryError):
-            return None
+            return "link" if name and os.path.islink(path) else None
 
     def listdir(self) -> list[str]:
         try:

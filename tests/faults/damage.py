@@ -7,7 +7,6 @@ from a real one. Each returns a function that damages a checkpoint directory (or
 from __future__ import annotations
 
 import json
-import shutil
 import struct
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -99,11 +98,14 @@ def edit_st(name: str, edit: Callable[[dict[str, Any], bytes], bytes]) -> Callab
 
 
 def symlink_out(name: str) -> Callable[[Path], None]:
-    """Replace ``name`` by a symlink to an identical copy outside the checkpoint directory."""
+    """Replace ``name`` by a symlink to a copy outside the checkpoint directory whose last byte differs:
+    reads follow links, and the checksum must still catch what the link leads to."""
 
     def apply(ckdir: Path) -> None:
         outside = ckdir.parent / f"outside-{ckdir.name}-{name}"
-        shutil.copyfile(ckdir / name, outside)
+        data = bytearray((ckdir / name).read_bytes())
+        data[-1] ^= 0x01
+        outside.write_bytes(bytes(data))
         (ckdir / name).unlink()
         (ckdir / name).symlink_to(outside)
 
