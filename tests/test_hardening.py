@@ -243,3 +243,38 @@ def test_restore_can_fall_back_to_the_newest_checkpoint_that_verifies(tmp_path):
     assert [(Path(p).name, e.split(":")[0]) for p, e in manager.skipped] == [
         ("step-00000003", "CheckpointCorruptedError")
     ]
+
+
+def test_numpy_scalars_in_config_are_stored_as_the_python_values_equal_to_them(tmp_path):
+    config = {
+        "lr": np.float32(0.1),
+        "half": np.float16(0.1),
+        "steps": np.int64(-3),
+        "small": np.uint8(7),
+        "flag": np.bool_(True),
+        "nested": [np.int32(2), {"x": np.float64(1.5)}],
+    }
+    path = save_checkpoint(net(0), None, config, None, 1, tmp_path, extra={"seed": np.int64(11)})
+    ckpt = load_checkpoint(path)
+    assert ckpt.config == config and ckpt.extra == {"seed": 11}
+    assert type(ckpt.config["lr"]) is float and ckpt.config["lr"] == float(np.float32(0.1))
+    assert type(ckpt.config["flag"]) is bool and type(ckpt.config["steps"]) is int
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        (
+            {"id2label": {0: "neg", 1: "pos"}},
+            r"config\['id2label'\] has key 0 of type int; JSON keys are strings, and ",
+        ),
+        ({"w": np.zeros(2)}, r"config\['w'\] is a numpy.ndarray, which is not a JSON value .* belongs in the model"),
+        ({"w": torch.ones(1)}, r"config\['w'\] is a torch.Tensor, which is not a JSON value"),
+        ({"nan": np.float32("nan")}, r"config\['nan'\] is nan: JSON has no NaN or Infinity"),
+    ],
+    ids=["hf-id2label", "ndarray", "tensor", "numpy-nan"],
+)
+def test_config_values_that_would_not_load_back_equal_are_refused_with_the_remedy(tmp_path, config, message):
+    with pytest.raises(CheckpointInputError, match=message):
+        save_checkpoint(net(0), None, config, None, 1, tmp_path)
+    assert list(tmp_path.iterdir()) == []

@@ -32,6 +32,8 @@ def to_json_value(value: Any, path: str, *, depth: int = 0) -> Any:
     """
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         value = dataclasses.asdict(value)
+    if _is_numpy_scalar(value):  # np.float32, np.int64, np.bool_, ...: the Python value equal to it
+        value = value.item()
     if value is None or isinstance(value, (bool, str)):
         return value
     if isinstance(value, int):
@@ -53,15 +55,29 @@ def to_json_value(value: Any, path: str, *, depth: int = 0) -> Any:
         out = {}
         for k, v in value.items():
             if not isinstance(k, str):
-                raise CheckpointInputError(f"{path} has key {k!r} of type {type(k).__name__}; JSON keys are strings")
+                raise CheckpointInputError(
+                    f"{path} has key {k!r} of type {type(k).__name__}; JSON keys are strings, and a key changed "
+                    "to a string would not load back equal: convert the keys yourself ({str(k): v ...}; a Hugging "
+                    "Face config does so in to_json_string() and turns id2label's keys back into ints on load)"
+                )
             out[k] = to_json_value(v, f"{path}[{k!r}]", depth=depth + 1)
         return out
     if isinstance(value, (list, tuple)):
         return [to_json_value(v, f"{path}[{i}]", depth=depth + 1) for i, v in enumerate(value)]
     raise CheckpointInputError(
         f"{path} is a {type(value).__module__}.{type(value).__qualname__}, which is not a JSON value "
-        "(use dict, list, str, int, float, bool or None)"
+        "(use dict, list, str, int, float, bool, None, or a NumPy scalar; an array or a tensor belongs in the "
+        "model state or in states=, not in a JSON document)"
     )
+
+
+_NUMPY_KINDS = frozenset("biuf")  # bool, signed, unsigned, float: exact as Python bool, int, float
+
+
+def _is_numpy_scalar(value: Any) -> bool:
+    """A NumPy scalar whose Python value is equal to it (without importing NumPy)."""
+    kind = getattr(getattr(value, "dtype", None), "kind", None)
+    return type(value).__module__ == "numpy" and getattr(value, "ndim", None) == 0 and kind in _NUMPY_KINDS
 
 
 def depth(doc: Any) -> int:
