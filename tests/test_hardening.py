@@ -4,7 +4,12 @@ foreign files, and going back to an earlier step. Every case checks values or th
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -278,3 +283,56 @@ def test_config_values_that_would_not_load_back_equal_are_refused_with_the_remed
     with pytest.raises(CheckpointInputError, match=message):
         save_checkpoint(net(0), None, config, None, 1, tmp_path)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_distributed_data_parallel_saves_the_inner_names(tmp_path):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        model = net(12)
+        ddp = nn.parallel.DistributedDataParallel(model)
+        assert all(k.startswith("module.") for k in ddp.state_dict())
+        path = save_checkpoint(ddp, None, {}, None, 1, tmp_path / "root")
+        assert sorted(load_checkpoint(path).model_state) == ["lin.bias", "lin.weight", "out.bias", "out.weight"]
+        other = nn.parallel.DistributedDataParallel(net(13))
+        load_checkpoint(path, other)
+        assert same_params(other.module, model)
+    finally:
+        dist.destroy_process_group()
+
+
+READ_ONLY_PROBE = """
+import sys
+from portable_ckpt import CheckpointManager, load_checkpoint, validate_checkpoint
+root = sys.argv[1]
+manager = CheckpointManager(root)
+ckpt = manager.restore()
+print(ckpt.step, manager.steps(), load_checkpoint(root).step, validate_checkpoint(root).valid)
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None, reason="needs root to drop to nobody")
+def test_a_read_only_root_restores_without_write_access(tmp_path):
+    """As an unprivileged user who cannot write the root (a shared mount): restore, load and validate work,
+    and nothing is written, not even the lock file, although a crashed save left a temporary behind."""
+    shared = Path(tempfile.mkdtemp(prefix="portable-ckpt-ro-"))
+    try:
+        shared.chmod(0o755)
+        root = shared / "root"
+        manager = CheckpointManager(root)
+        for step in (1, 2):
+            manager.save(net(step), None, {}, None, step)
+        (root / ".tmp-step-00000003-999999999-0123abcd").mkdir()  # a crashed writer's leftover
+        for p in (root, *root.rglob("*")):
+            p.chmod(0o555 if p.is_dir() else 0o444)
+        before = sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+        cmd = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c", READ_ONLY_PROBE]
+        done = subprocess.run([*cmd, str(root)], capture_output=True, text=True, timeout=120, check=False)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert done.stdout.split() == ["2", "[1,", "2]", "2", "True"]
+        assert sorted(str(p.relative_to(root)) for p in root.rglob("*")) == before  # the leftover stays too
+    finally:
+        for p in (shared, *shared.rglob("*")):
+            p.chmod(0o755)
+        shutil.rmtree(shared)
