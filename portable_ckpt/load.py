@@ -36,7 +36,7 @@ from portable_ckpt.format.hashing import new_hasher
 from portable_ckpt.quant import quantize as _quant
 from portable_ckpt.restore import absent_state, apply, placement
 from portable_ckpt.root import display, resolve
-from portable_ckpt.state import Stateful, check_model_match, check_optimizer_match, unwrap
+from portable_ckpt.state import Stateful, check_model_match, check_optimizer_match, compare_shapes, unwrap
 from portable_ckpt.storage import Storage, storage_for
 from portable_ckpt.types import Checkpoint
 
@@ -231,12 +231,17 @@ def _read(
         check_aliases(set(header.names()), aliases, files.label(names.MODEL))
         quant = read_quantization(files, manifest, header)
         if model is not None:
-            if quant is not None:
-                _check_optimizer_params(model, optimizer)  # before the model is converted
-                _quant.apply_quantization(model, quant)
-                _check_optimizer_params(model, optimizer)
             shapes = {e.name: e.shape for e in header.entries}
             shapes.update({alias: shapes[target] for alias, target in aliases.items() if target in shapes})
+            if quant is not None:
+                _check_optimizer_params(model, optimizer)  # before the model is converted
+                # the names outside the quantized modules must match before any module is replaced
+                inside = tuple(m["name"] + "." for m in quant["modules"])
+                own = {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.startswith(inside)}
+                kept = {k: s for k, s in shapes.items() if not k.startswith(inside)}
+                compare_shapes(own, kept, files.label(names.MODEL), strict=strict)
+                _quant.apply_quantization(model, quant)
+                _check_optimizer_params(model, optimizer)
             missing, unexpected = check_model_match(model, shapes, files.label(names.MODEL), strict=strict)
         if optimizer is not None and opt_state is not None:
             check_optimizer_match(optimizer, opt_state, files.label(names.OPTIMIZER))

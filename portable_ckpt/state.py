@@ -120,13 +120,19 @@ def check_model_match(
 ) -> tuple[list[str], list[str]]:
     """Raise one error naming the missing, unexpected and mismatched keys (``shapes``: stored name -> shape);
     returns (missing, unexpected), which ``strict=False`` tolerates."""
-    own = model.state_dict()
+    return compare_shapes({k: tuple(v.shape) for k, v in model.state_dict().items()}, shapes, source, strict=strict)
+
+
+def compare_shapes(
+    own: Mapping[str, Sequence[int]], shapes: Mapping[str, Sequence[int]], source: str, *, strict: bool
+) -> tuple[list[str], list[str]]:
+    """``check_model_match`` on the model's name -> shape table ``own``."""
     missing = sorted(set(own) - set(shapes))
     unexpected = sorted(set(shapes) - set(own))
     mismatched = [
-        f"{k}: checkpoint {list(shapes[k])}, model {list(own[k].shape)}"
+        f"{k}: checkpoint {list(shapes[k])}, model {list(own[k])}"
         for k in sorted(set(own) & set(shapes))
-        if tuple(own[k].shape) != tuple(shapes[k])
+        if tuple(own[k]) != tuple(shapes[k])
     ]
     problems = [f"shape mismatch: {'; '.join(mismatched)}"] if mismatched else []
     if strict:

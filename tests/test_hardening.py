@@ -336,3 +336,25 @@ def test_a_read_only_root_restores_without_write_access(tmp_path):
         for p in (shared, *shared.rglob("*")):
             p.chmod(0o755)
         shutil.rmtree(shared)
+
+
+def test_a_mismatch_outside_the_quantized_modules_is_raised_before_the_model_is_converted(tmp_path):
+    from portable_ckpt import is_quantized, quantize
+
+    class WithNorm(Net):
+        def __init__(self, norm: bool) -> None:
+            super().__init__()
+            self.norm = nn.LayerNorm(2) if norm else nn.Identity()
+
+    torch.manual_seed(0)
+    path = save_checkpoint(quantize(WithNorm(norm=True), bits=8), None, {}, None, 1, tmp_path)
+    plain = WithNorm(norm=False)
+    with pytest.raises(
+        StateMismatchError,
+        match=r"unexpected keys \(in the checkpoint, not in the model\): \['norm.bias', 'norm.weight'\]",
+    ):
+        load_checkpoint(path, plain)
+    assert not is_quantized(plain)  # nothing was replaced
+    fresh = WithNorm(norm=True)
+    load_checkpoint(path, fresh)
+    assert is_quantized(fresh)
