@@ -31,7 +31,7 @@ import test_fuzz
 
 import portable_ckpt as pc
 
-SECTIONS = ["crash", "overwrite-crash", "disk-full", "corruption", "pipes", "fuzz", "concurrency"]
+SECTIONS = ["crash", "overwrite-crash", "disk-full", "storage-faults", "corruption", "pipes", "fuzz", "concurrency"]
 KINDS = ("checkpoints lost", "silent corruptions", "unexpected exceptions", "other broken promises")
 
 
@@ -142,6 +142,20 @@ def disk_full(tally: Tally, work: Path) -> None:
             [],
         ):
             tally.add("other broken promises", where, [f"root not as before: {r}"])
+
+
+def storage_faults(tally: Tally, rng: random.Random) -> None:
+    """Every operation of a save failed in turn through the in-memory storage backend, under both commit
+    strategies (manifest-last, rename), with a random errno each time."""
+    for strategy in faults.STRATEGIES:
+        operations = faults.save_operations(strategy)
+        for nth in range(1, len(operations) + 1):
+            code = rng.choice(faults.storage.ERRNOS)
+            _, problems = faults.fault_problems(strategy, nth, code)
+            tally.faults += 1
+            for p in problems:
+                kind = "unexpected exceptions" if " raised " in p else "other broken promises"
+                tally.add("checkpoints lost" if "newest is step" in p else kind, "storage faults", [p])
 
 
 def random_flip_cases(rng: random.Random, pristine: Path, per_file: int) -> list[faults.Case]:
@@ -391,6 +405,7 @@ def main(argv: list[str] | None = None) -> int:
             "crash": lambda rng: crash_trials(tally, work / "crash", args.trials, rng),
             "overwrite-crash": lambda rng: overwrite_crash(tally, work / "overwrite"),
             "disk-full": lambda rng: disk_full(tally, work / "diskfull"),
+            "storage-faults": lambda rng: storage_faults(tally, rng),
             "corruption": lambda rng: corruption(tally, work / "corruption", rng, args.flips),
             "pipes": lambda rng: hostile_pipes(tally, work / "pipes"),
             "fuzz": lambda rng: fuzz(tally, work / "fuzz", args.fuzz_examples, rng),

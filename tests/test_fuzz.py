@@ -17,6 +17,7 @@ import collections
 import contextlib
 import io
 import json
+import math
 import shutil
 import struct
 from collections.abc import Callable
@@ -38,6 +39,7 @@ from portable_ckpt.format import jsonio as _jsonio
 from portable_ckpt.format import manifest as _manifest
 from portable_ckpt.format import safetensors as _safetensors
 from portable_ckpt.format import schemas as _schemas
+from portable_ckpt.format import states as _states
 from portable_ckpt.quant import quantize as _quant
 
 EXAMPLES = 200  # per target, in the default suite
@@ -243,6 +245,76 @@ def check_json_document(value: tuple[str, bytes], workdir: Path) -> None:
             _quant.check_metadata(doc, QUANT_TENSORS, filename="quantization_metadata.json")
     except pc.CheckpointError:
         return
+
+
+class _StateHolder:
+    def __init__(self, state: Any) -> None:
+        self.state = state
+
+    def state_dict(self) -> Any:
+        return self.state
+
+    def load_state_dict(self, state: Any) -> None:
+        self.state = state
+
+
+# --- user object states (states.json): any document is decoded or refused; any value round-trips or is refused
+STATES_DOC, STATES_TENSORS = _states.encode(
+    {"loader": _StateHolder({"n": 3, "t": torch.arange(4), "k": {1: (2.5, None)}, "f": float("inf")})}
+)
+_plain_values = st.recursive(
+    st.one_of(
+        st.none(),
+        st.booleans(),
+        st.integers(min_value=-(2**70), max_value=2**70),
+        st.floats(allow_nan=True, allow_infinity=True),
+        st.text(max_size=8),
+    ),
+    lambda children: st.one_of(
+        st.lists(children, max_size=4),
+        st.tuples(children, children),
+        st.dictionaries(st.one_of(st.text(max_size=4), st.integers(-5, 5), st.booleans()), children, max_size=4),
+        st.builds(lambda v: {"$tuple": v}, children),
+        st.just(frozenset({1})),
+    ),
+    max_leaves=20,
+)
+
+
+@target("states-json", json_bytes(STATES_DOC))
+def check_states_json(data: bytes, workdir: Path) -> None:
+    """A damaged or hostile states.json is decoded into plain values or refused as CheckpointCorruptedError."""
+    try:
+        doc = _jsonio.loads(data, "states.json")
+        _schemas.validate(doc, "states", "states.json")
+        decoded = _states.decode(doc, STATES_TENSORS, "states.json")
+    except pc.CheckpointCorruptedError:
+        return
+    assert set(decoded) == set(doc["objects"])
+
+
+@target("states-values", _plain_values)
+def check_states_values(value: Any, workdir: Path) -> None:
+    """Any value a state_dict() returns is encoded and decoded back equal (types kept), or refused at the call."""
+    try:
+        doc, tensors = _states.encode({"obj": _StateHolder(value)})
+        _schemas.validate(doc, "states", "states.json")
+    except pc.CheckpointInputError:
+        return
+    back = _states.decode(_jsonio.loads(_jsonio.dumps(doc), "states.json"), tensors, "states.json")
+    assert _same(back["obj"]["state"], value), (value, back)
+
+
+def _same(a: Any, b: Any) -> bool:
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, float):
+        return a == b or (math.isnan(a) and math.isnan(b))
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    return bool(a == b)
 
 
 @target(

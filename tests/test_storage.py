@@ -10,6 +10,7 @@ import errno
 from collections.abc import Iterator
 from pathlib import Path
 
+import faults
 import pytest
 import torch
 from torch import nn
@@ -64,8 +65,8 @@ def test_backends_are_chosen_by_location():
     assert storage_for("memory://bucket/run").location == "memory://bucket/run"
     assert isinstance(storage_for("/tmp/x"), LocalStorage)
     assert storage_for("file:///tmp/x") == LocalStorage(Path("/tmp/x"))
-    with pytest.raises(CheckpointInputError, match=r"s3://b: no storage backend for s3:// URLs"):
-        storage_for("s3://b")
+    with pytest.raises(CheckpointInputError, match=r"nosuch://b: no storage backend for nosuch:// URLs"):
+        storage_for("nosuch://b")
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
@@ -210,3 +211,12 @@ def test_a_reader_holds_one_checkpoint_while_it_is_replaced():
     with open_checkpoint("memory://run/step-00000001") as reader:
         root.remove(names.step_name(1))
         assert torch.equal(reader.tensor("2.bias"), model_for(1).state_dict()["2.bias"])
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_the_stress_runs_storage_fault_sweep_finds_nothing(strategy):
+    """The sweep tests/stress.py runs (faults.fault_problems), on every operation of a save."""
+    operations = faults.save_operations(strategy)
+    results = [faults.fault_problems(strategy, nth) for nth in range(1, len(operations) + 1)]
+    assert sum(raised for raised, _ in results) >= 5
+    assert [p for _, problems in results for p in problems] == []

@@ -12,6 +12,8 @@
 - :mod:`faults.inject`: failing ``os.write``/``os.fsync``/... at a chosen call, another process acting
   right after a file is opened, a deadline (SIGALRM), the peak resident memory of a block;
 - :mod:`faults.crash`: crash trials (SIGKILL of a saving child) and the checks of the root afterwards;
+- :mod:`faults.storage`: the n-th operation of a save failed through the in-memory storage backend, under
+  either commit strategy;
 - :mod:`faults.roles` and :mod:`faults.processes`: the child processes (``python tests/faults ROLE ...``)
   of the crash, disk-full and concurrency tests, forked by one fork server.
 
@@ -55,6 +57,7 @@ from faults.states import (
     state_problems,
     writer_loop,
 )
+from faults.storage import STRATEGIES, fault_problems, save_operations
 
 __all__ = [
     "ALLOWED",
@@ -64,6 +67,7 @@ __all__ = [
     "QUANT_FILE",
     "REFUSALS",
     "STEP_DIR",
+    "STRATEGIES",
     "VOCAB",
     "WRITER_OFFSETS",
     "Case",
@@ -85,6 +89,7 @@ __all__ = [
     "edit_bytes",
     "evil_raw_pickle",
     "evil_torch_file",
+    "fault_problems",
     "fork_server",
     "latest_name",
     "leftovers",
@@ -104,6 +109,7 @@ __all__ = [
     "retire",
     "rng_problems",
     "run_case",
+    "save_operations",
     "save_step",
     "st_pack",
     "st_split",
