@@ -8,6 +8,7 @@ Text rendering of inspect, validate, list and diff results is in ``portable_ckpt
 """
 
 from portable_ckpt.convert.format0 import convert_format0
+from portable_ckpt.convert.importers import ImportEntry, ImportReport, import_checkpoint
 from portable_ckpt.diff import diff_checkpoints
 from portable_ckpt.errors import (
     CheckpointCorruptedError,
@@ -66,6 +67,8 @@ __all__ = [
     "CommittedStep",
     "FileChange",
     "FileInfo",
+    "ImportEntry",
+    "ImportReport",
     "Leftover",
     "Problem",
     "QuantizationMetadataError",
@@ -79,6 +82,7 @@ __all__ = [
     "__version__",
     "convert_format0",
     "diff_checkpoints",
+    "import_checkpoint",
     "inspect_checkpoint",
     "is_quantized",
     "list_checkpoints",

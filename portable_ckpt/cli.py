@@ -19,6 +19,7 @@ from portable_ckpt import (
     CheckpointError,
     convert_format0,
     diff_checkpoints,
+    import_checkpoint,
     inspect_checkpoint,
     list_checkpoints,
     validate_checkpoint,
@@ -51,6 +52,7 @@ COMMANDS = {
     "validate": ("verify checksums, schemas, headers", "portable-ckpt validate checkpoints/step-00000100"),
     "diff": ("what differs between two checkpoints", "portable-ckpt diff run-a/checkpoints run-b/checkpoints"),
     "convert": ("a format-0 checkpoint to format 1", "portable-ckpt convert old-run/ checkpoints"),
+    "import": ("a foreign checkpoint as format 1", "portable-ckpt import out/ckpt.pt checkpoints"),
     "demo": ("train, SIGKILL, resume bit-identically", "portable-ckpt demo --quantize int8"),
 }
 
@@ -113,6 +115,20 @@ DST/step-NNNNNNNN. Only format 0 is read. Prints the new checkpoint's path.
 
 exit status: 0 converted, 1 unreadable source or failed write (an existing step needs --overwrite),
 2 usage error"""
+
+IMPORT = """\
+Import a checkpoint other code wrote, saved under the checkpoints root DST as DST/step-NNNNNNNN. SRC
+is a torch.save state_dict (.pt, .pth, .bin), a nanoGPT training checkpoint (model, optimizer,
+iter_num, model_args, config), a PyTorch Lightning .ckpt, a bare .safetensors file, or a Hugging Face
+Trainer checkpoint-N/ folder (model.safetensors, sharded or not, or pytorch_model.bin; optimizer.pt,
+scheduler.pt, scaler.pt, rng_state.pth, trainer_state.json, config.json). Every pickle is read
+through the format's allowlist; a hostile one is refused and nothing of it runs (training_args.bin
+is never unpickled). Prints the new checkpoint's path, the source's kind, then each entry carried
+over and each one not carried over with the reason; with --json, one JSON object {"path", "kind",
+"source", "source_checksum", "step", "carried": [{"entry", "detail"}], "not_carried": [...]}.
+
+exit status: 0 imported, 1 unreadable, unsafe or unknown source or failed write (an existing step
+needs --overwrite), 2 usage error"""
 
 DEMO = """\
 Train the shipped reference model (a small character-level transformer) twice in child processes,
@@ -180,6 +196,19 @@ def cmd_convert(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     return EXIT_OK
 
 
+def cmd_import(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    report = import_checkpoint(args.src, args.dst, step=args.step, overwrite=args.overwrite)
+    if args.json:
+        _print_json(report.to_json(), out)
+        return EXIT_OK
+    out.write(f"{escape(str(report.path))}\n")
+    out.write(f"imported {report.kind} {escape(report.source)} at step {report.step}\n")
+    for title, entries in (("carried over", report.carried), ("not carried over", report.not_carried)):
+        out.write(f"{title}: {len(entries) or 'nothing'}\n")
+        out.write("".join(f"  {escape(e.entry)}: {escape(e.detail)}\n" for e in entries))
+    return EXIT_OK
+
+
 def cmd_demo(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     from portable_ckpt.demo.demo import run_demo  # imports the trainer; only the demo needs it
 
@@ -229,6 +258,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("src", metavar="SRC", help="the format-0 checkpoint directory")
     p.add_argument("dst", metavar="DST", help="the checkpoints root to save into")
     p.add_argument("--overwrite", action="store_true", help="replace the step if DST already has it")
+
+    p = command("import", IMPORT, cmd_import)
+    p.add_argument("src", metavar="SRC", help="a torch.save / Lightning file or a Hugging Face Trainer folder")
+    p.add_argument("dst", metavar="DST", help="the checkpoints root to save into")
+    p.add_argument("--step", type=int, default=None, help="the step to save as (default: the one SRC records)")
+    p.add_argument("--overwrite", action="store_true", help="replace the step if DST already has it")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
 
     p = command("demo", DEMO, cmd_demo)
     p.add_argument("--dir", default="portable-ckpt-demo", help="where to write (default: ./portable-ckpt-demo)")

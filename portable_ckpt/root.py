@@ -32,8 +32,8 @@ def is_legacy(storage: Storage) -> bool:
 
 
 _CONVERT = (
-    "it is not a portable checkpoint: load it with the code that wrote it and save the state with "
-    "portable_ckpt.save_checkpoint"
+    "it is not a portable checkpoint: import it with `portable-ckpt import SRC DST` "
+    "(portable_ckpt.import_checkpoint), which reads state_dict, nanoGPT, Hugging Face Trainer and Lightning checkpoints"
 )
 
 # what a directory that is not ours holds (files that name it), in the order tried
