@@ -14,10 +14,12 @@ from portable_ckpt.errors import CheckpointInputError
 from portable_ckpt.storage.base import CheckpointDir, ReadFile, Staging, Storage, WriteFile
 from portable_ckpt.storage.local import LocalStorage
 from portable_ckpt.storage.memory import MemoryStorage
+from portable_ckpt.storage.remote import FsspecStorage
 
 # (accepts(location), open(location)), tried in order
 BACKENDS: tuple[tuple[Callable[[str], bool], Callable[[str], Storage]], ...] = (
     (MemoryStorage.accepts, lambda location: MemoryStorage.from_location(location)),
+    (FsspecStorage.accepts, lambda location: FsspecStorage.from_location(location)),
     (LocalStorage.accepts, LocalStorage.from_location),
 )
 
@@ -32,14 +34,15 @@ def storage_for(location: str | os.PathLike[str] | Storage) -> Storage:
             return open_(text)
     scheme = text.split("://", 1)[0]
     raise CheckpointInputError(
-        f"{text}: no storage backend for {scheme}:// URLs; this install reads local paths and memory:// "
-        "(remote object stores come with an optional extra)"
+        f"{text}: no storage backend for {scheme}:// URLs; this install reads local paths, memory:// and the "
+        "object stores fsspec knows (s3:// with the extra: pip install 'portable-ckpt[s3]')"
     )
 
 
 __all__ = [
     "BACKENDS",
     "CheckpointDir",
+    "FsspecStorage",
     "LocalStorage",
     "MemoryStorage",
     "ReadFile",
