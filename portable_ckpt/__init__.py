@@ -7,6 +7,7 @@
 Text rendering of inspect, validate, list and diff results is in ``portable_ckpt.report``.
 """
 
+from portable_ckpt.convert.export import ExportEntry, ExportReport, export_checkpoint
 from portable_ckpt.convert.format0 import convert_format0
 from portable_ckpt.convert.importers import ImportEntry, ImportReport, import_checkpoint
 from portable_ckpt.diff import diff_checkpoints
@@ -65,6 +66,8 @@ __all__ = [
     "CheckpointUnsafeError",
     "CheckpointWriteError",
     "CommittedStep",
+    "ExportEntry",
+    "ExportReport",
     "FileChange",
     "FileInfo",
     "ImportEntry",
@@ -82,6 +85,7 @@ __all__ = [
     "__version__",
     "convert_format0",
     "diff_checkpoints",
+    "export_checkpoint",
     "import_checkpoint",
     "inspect_checkpoint",
     "is_quantized",

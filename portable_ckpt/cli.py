@@ -19,6 +19,7 @@ from portable_ckpt import (
     CheckpointError,
     convert_format0,
     diff_checkpoints,
+    export_checkpoint,
     import_checkpoint,
     inspect_checkpoint,
     list_checkpoints,
@@ -53,6 +54,7 @@ COMMANDS = {
     "diff": ("what differs between two checkpoints", "portable-ckpt diff run-a/checkpoints run-b/checkpoints"),
     "convert": ("a format-0 checkpoint to format 1", "portable-ckpt convert old-run/ checkpoints"),
     "import": ("a foreign checkpoint as format 1", "portable-ckpt import out/ckpt.pt checkpoints"),
+    "export": ("a checkpoint as a Hugging Face folder", "portable-ckpt export checkpoints hf-model --to hf"),
     "demo": ("train, SIGKILL, resume bit-identically", "portable-ckpt demo --quantize int8"),
 }
 
@@ -129,6 +131,19 @@ over and each one not carried over with the reason; with --json, one JSON object
 
 exit status: 0 imported, 1 unreadable, unsafe or unknown source or failed write (an existing step
 needs --overwrite), 2 usage error"""
+
+EXPORT = """\
+Export the checkpoint SRC (a checkpoint directory, or a root's newest) as the new folder DST, which
+transformers' from_pretrained loads: model.safetensors and the architecture's config.json. --to hf
+writes full precision (a quantized model dequantized, LoRA adapters merged); --to compressed-tensors
+writes the pack-quantized integers with a quantization_config (QAT master weights are left out; a
+LoRA checkpoint is refused: export it with --to hf). The architecture config is --config FILE, or
+the checkpoint's config when it is a Hugging Face one (model_type and architectures). Prints DST,
+then each tensor not written as stored and what was done to it; with --json, one JSON object
+{"path", "to", "source", "files", "changed": [{"entry", "detail"}]}.
+
+exit status: 0 exported, 1 unreadable checkpoint, no architecture config, a refused export or an
+existing non-empty DST, 2 usage error"""
 
 DEMO = """\
 Train the shipped reference model (a small character-level transformer) twice in child processes,
@@ -209,6 +224,18 @@ def cmd_import(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     return EXIT_OK
 
 
+def cmd_export(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    report = export_checkpoint(args.src, args.dst, to=args.to, config=args.config)
+    if args.json:
+        _print_json(report.to_json(), out)
+        return EXIT_OK
+    out.write(f"{escape(str(report.path))}\n")
+    out.write(f"exported {escape(report.source)} as {report.to}: {', '.join(report.files)}\n")
+    out.write(f"changed: {len(report.changed) or 'nothing'}\n")
+    out.write("".join(f"  {escape(e.entry)}: {escape(e.detail)}\n" for e in report.changed))
+    return EXIT_OK
+
+
 def cmd_demo(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     from portable_ckpt.demo.demo import run_demo  # imports the trainer; only the demo needs it
 
@@ -264,6 +291,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dst", metavar="DST", help="the checkpoints root to save into")
     p.add_argument("--step", type=int, default=None, help="the step to save as (default: the one SRC records)")
     p.add_argument("--overwrite", action="store_true", help="replace the step if DST already has it")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+    p = command("export", EXPORT, cmd_export)
+    p.add_argument("src", metavar="SRC", help="a checkpoint directory or a checkpoints root")
+    p.add_argument("dst", metavar="DST", help="the folder to create (new or empty)")
+    p.add_argument("--to", required=True, choices=["hf", "compressed-tensors"], help="the format to write")
+    p.add_argument("--config", metavar="FILE", default=None, help="the architecture's config.json")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
     p = command("demo", DEMO, cmd_demo)

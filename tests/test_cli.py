@@ -134,6 +134,7 @@ def test_help_says_what_the_tool_does_and_shows_each_command_with_an_example():
         "  diff       what differs between two checkpoints     portable-ckpt diff run-a/checkpoints run-b/checkpoints\n"
         "  convert    a format-0 checkpoint to format 1        portable-ckpt convert old-run/ checkpoints\n"
         "  import     a foreign checkpoint as format 1         portable-ckpt import out/ckpt.pt checkpoints\n"
+        "  export     a checkpoint as a Hugging Face folder    portable-ckpt export checkpoints hf-model --to hf\n"
         "  demo       train, SIGKILL, resume bit-identically   portable-ckpt demo --quantize int8\n"
     ) in out
     assert (

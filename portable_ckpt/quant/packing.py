@@ -1,8 +1,9 @@
 """Integer quantization math and tensor layouts: round-to-nearest with min/max scales, int4-in-int32 packing.
 
-Pure functions on tensors, no modules and no state. The conventions are those of compressed-tensors
-(``int-quantized`` / ``pack-quantized``), so an export to that format is a renaming. The normative
-description is ``format_spec/quantization.md``.
+Pure functions on tensors, no modules and no state. The conventions are those of compressed-tensors'
+``pack-quantized`` format: int4 tensors are stored as it stores them; int8 codes are stored unpacked and
+``convert/export.py`` packs them four to an int32 word on export. The normative description is
+``format_spec/quantization.md``.
 """
 
 from __future__ import annotations
@@ -85,7 +86,7 @@ PACKINGS: dict[str, Packing] = {
         decode=lambda t, g: t["weight"],
         encode_zp=lambda zp: zp.to(torch.int8),
         decode_zp=lambda zp, g: zp,
-        compressed_tensors_format="int-quantized",
+        compressed_tensors_format="pack-quantized",  # after export repacks the int8 codes into int32 words
     ),
     "int4-in-int32-lsb-first": Packing(
         bits=4,
