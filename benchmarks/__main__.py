@@ -39,6 +39,7 @@ DEFAULTS: dict[str, Any] = {
     "scaling": "64,256,1024",
     "lazy_size_mib": 1024.0,
     "async_size_mib": 256.0,
+    "s3_size_mib": 512.0,
     "reps": 5,
     "launcher": "subprocess",
 }
@@ -50,6 +51,7 @@ QUICK: dict[str, Any] = {
     "scaling": "4,16",
     "lazy_size_mib": 16.0,
     "async_size_mib": 16.0,
+    "s3_size_mib": 8.0,
     "reps": 3,
     "launcher": "forkserver",
 }
@@ -184,6 +186,33 @@ def _run_forked(job: Job, args: argparse.Namespace, workdir: Path, ctx: Any) -> 
     return rows
 
 
+def _run_s3(args: argparse.Namespace, failures: list[dict[str, str]]) -> dict[str, Any] | None:
+    """The s3 section (benchmarks/s3.py) in a process of its own; skipped with a note without moto."""
+    from . import s3
+
+    if args.s3 == "off" or (args.only and not any("s3" in word for word in args.only)):
+        return None
+    if not s3.available():
+        if args.s3 == "on":
+            failures.append({"id": "s3", "error": "moto[server] and s3fs are not installed"})
+        return {"skipped": "moto[server] and s3fs are not installed (pip install 'moto[server]' s3fs)"}
+    print("[s3] save/load/lazy against raw s3fs ...", end="", file=sys.stderr, flush=True)
+    cmd = [sys.executable, "-m", "benchmarks.s3", "--size-mib", str(args.s3_size_mib), "--reps", str(args.reps)]
+    try:
+        proc = subprocess.run(
+            [*cmd, "--json"], cwd=HERE.parent, capture_output=True, text=True, timeout=args.case_timeout
+        )
+        if proc.returncode != 0:
+            raise RuntimeError(proc.stderr[-2000:] or f"exit status {proc.returncode}")
+        section: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    except (RuntimeError, subprocess.TimeoutExpired, json.JSONDecodeError, IndexError) as e:
+        failures.append({"id": "s3", "error": str(e) or type(e).__name__})
+        print(" FAILED", file=sys.stderr)
+        return None
+    print(" done", file=sys.stderr)
+    return section
+
+
 def _environment() -> dict[str, str]:
     def version(name: str) -> str:
         try:
@@ -218,6 +247,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--scaling", help="model sizes in MiB for the scaling series (default 64,256,1024)")
     p.add_argument("--lazy-size-mib", type=float, help="checkpoint size of the lazy-read case (default 1024)")
     p.add_argument("--async-size-mib", type=float, help="model size of the async-save case (default 256)")
+    p.add_argument(
+        "--s3",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="the s3 section (a local moto server): auto runs it where moto[server] and s3fs are importable",
+    )
+    p.add_argument("--s3-size-mib", type=float, help="bytes of the s3 section's checkpoint (default 512)")
     p.add_argument("--reps", type=int, help="timed repetitions per case, after one warm-up (default 5)")
     p.add_argument(
         "--launcher",
@@ -303,6 +339,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f" {med:.4f} s median ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+    s3_section = _run_s3(args, failures)
     rows = report.summarize(rows)
     now = dt.datetime.now(dt.timezone.utc)
     wall_s = time.perf_counter() - started
@@ -322,6 +359,8 @@ def main(argv: list[str] | None = None) -> int:
         "targets": report.targets(rows),
         "failures": failures,
     }
+    if s3_section is not None:
+        result["s3"] = s3_section
     stem = now.strftime("%Y%m%d-%H%M%S") + ("-quick" if args.quick else "")
     json_path, md_path = report.write(result, args.out, stem)
     print(f"wrote {json_path} and {md_path} ({wall_s:.0f} s)", file=sys.stderr)

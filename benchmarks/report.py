@@ -280,6 +280,10 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         writes,
     ]
+    if "s3" in result:
+        from .s3 import markdown as s3_markdown
+
+        parts += ["", s3_markdown(result["s3"]).rstrip("\n")]
     if failures:
         parts += ["", "## Failed cases", "", failures]
     return "\n".join(parts) + "\n"

@@ -181,6 +181,12 @@ class FsspecStorage:
             yield
         except _foreign(self.scheme) as e:
             raise _os_error(e, url) from e
+        except OSError as e:
+            if e.filename is not None or type(e).__module__ != "builtins":
+                raise
+            # the implementation's translation of a server error (s3fs: "[Errno 121] InternalError") names no
+            # object; the same type, with the URL
+            raise type(e)(e.errno, e.strerror or str(e), url) from e
 
     @contextlib.contextmanager
     def reading(self, url: str) -> Iterator[None]:
