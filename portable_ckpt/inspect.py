@@ -26,7 +26,9 @@ def problem_from(e: CheckpointError, fallback: str) -> Problem:
     return Problem(file=file, message=message, error=type(e).__name__)
 
 
-def validate_checkpoint(path: str | os.PathLike[str], *, progress: Progress | None = None) -> ValidationReport:
+def validate_checkpoint(
+    path: str | os.PathLike[str] | Storage, *, progress: Progress | None = None
+) -> ValidationReport:
     """Every problem found in the checkpoint (or a root's newest checkpoint) at ``path``; never raises
     CheckpointError. Each damaged file is one problem; with every file intact, the first structural one.
 
@@ -37,14 +39,15 @@ def validate_checkpoint(path: str | os.PathLike[str], *, progress: Progress | No
     (True, [])
     """
     problems = tuple(_problems(path, progress))
-    return ValidationReport(path=path if isinstance(path, str) else Path(path), problems=problems)
+    shown = path if isinstance(path, str) else Path(path) if isinstance(path, os.PathLike) else path.location
+    return ValidationReport(path=shown, problems=problems)
 
 
-def _problems(path: str | os.PathLike[str], progress: Progress | None) -> list[Problem]:
+def _problems(path: str | os.PathLike[str] | Storage, progress: Progress | None) -> list[Problem]:
     try:
         directory = resolve(path)
     except CheckpointError as e:
-        return [problem_from(e, str(path))]
+        return [problem_from(e, os.fspath(path) if isinstance(path, (str, os.PathLike)) else path.location)]
     if directory.kind(names.MANIFEST) is None:
         try:
             _legacy.read(directory)
@@ -74,7 +77,7 @@ def _problems(path: str | os.PathLike[str], progress: Progress | None) -> list[P
     return []
 
 
-def inspect_checkpoint(path: str | os.PathLike[str]) -> CheckpointInfo:
+def inspect_checkpoint(path: str | os.PathLike[str] | Storage) -> CheckpointInfo:
     """Describe the checkpoint (or a root's newest checkpoint) at ``path`` from its manifest and headers
     only: no tensor data is read and checksums are not verified (``validate_checkpoint`` does that).
     Given a root, ``checkpoints`` lists its committed checkpoints too.

@@ -24,7 +24,7 @@ from portable_ckpt.format import names
 from portable_ckpt.format import safetensors as _safetensors
 from portable_ckpt.format.hashing import checksum
 from portable_ckpt.root import display, is_legacy, resolve
-from portable_ckpt.storage import ReadFile
+from portable_ckpt.storage import ReadFile, Storage
 
 _CHUNK = 1 << 30  # a single read moves at most ~2 GiB on Linux
 
@@ -134,7 +134,7 @@ class CheckpointReader:
         return f"<CheckpointReader {self.path} step={self.step} tensors={len(self._entries)} {state}>"
 
 
-def open_checkpoint(path: str | os.PathLike[str]) -> CheckpointReader:
+def open_checkpoint(path: str | os.PathLike[str] | Storage) -> CheckpointReader:
     """Open a checkpoint directory, or a root's newest committed checkpoint, for lazy tensor reads.
 
     Reads and checks the manifest (schema, its own checksum) and the model file's header (size,

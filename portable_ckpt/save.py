@@ -290,7 +290,7 @@ def save_checkpoint(
     config: Any,
     vocab: Any,
     step: int,
-    directory: str | os.PathLike[str] = "checkpoints",
+    directory: str | os.PathLike[str] | Storage = "checkpoints",
     *,
     overwrite: bool = False,
     extra: Any = None,
