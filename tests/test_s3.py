@@ -282,7 +282,7 @@ def test_without_the_extra_s3_urls_name_it():
         "except CheckpointInputError as e:\n"
         "    print(e)\n"
     )
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=120).stdout
     assert out.startswith("s3://bucket/run: s3:// URLs need an fsspec implementation that is not installed")
     assert out.rstrip().endswith("pip install 'portable-ckpt[s3]'")
 
