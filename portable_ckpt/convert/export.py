@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 
 from portable_ckpt.errors import CheckpointExistsError, CheckpointInputError, CheckpointNotFoundError
 from portable_ckpt.load import load_checkpoint
-from portable_ckpt.quant.packing import COMPUTE_DTYPES, PACKINGS, Geometry, dequantize_values, pack_int32
+from portable_ckpt.quant.packing import COMPUTE_DTYPES, PACKINGS, Geometry, dequantize_values, pack_quantized
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -100,17 +100,8 @@ def _pack_quantized(
 ) -> dict[str, torch.Tensor]:
     """compressed-tensors pack-quantized tensors by role: codes in int32 words along the columns (8 or 4 per
     word), zero points along the rows, ``weight_shape`` int64 [rows, cols]."""
-    g = _geometry(meta, module)
-    q, *zp = _codes(meta, t, g)
-    bits = meta["bits"]
-    out = {
-        "weight_packed": pack_int32(q, bits),
-        "weight_shape": torch.tensor([g.rows, g.cols], dtype=torch.int64),
-        "weight_scale": t["weight_scale"],
-    }
-    if zp:
-        out["weight_zero_point"] = pack_int32(zp[0].T, bits).T.contiguous()
-    return out
+    q, *zp = _codes(meta, t, _geometry(meta, module))
+    return {**pack_quantized(q, zp[0] if zp else None, meta["bits"]), "weight_scale": t["weight_scale"]}
 
 
 def _refuse_lora(meta: Mapping[str, Any], src: str) -> None:

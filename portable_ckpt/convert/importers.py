@@ -1,11 +1,13 @@
 """Import checkpoints other code wrote: a torch.save state_dict, a nanoGPT training dict, a Hugging Face
-Trainer ``checkpoint-N/`` folder (``hf_trainer.py``), a PyTorch Lightning ``.ckpt``; each is saved as a
+Trainer ``checkpoint-N/`` folder (``hf_trainer.py``), a compressed-tensors quantized folder
+(``compressed.py``, saved as a quantized checkpoint), a PyTorch Lightning ``.ckpt``; each is saved as a
 format-1 checkpoint. Readers fill a ``Parts`` (``parts.py``) and list every entry they do not carry over.
 
 Every pickle is read through the format's allowlist (``sources.py``); a hostile one is refused with
 ``CheckpointUnsafeError`` before anything of it runs. What is not carried over is listed in the
 report with the reason: nothing is dropped silently. The manifest's ``extra["imported_from"]`` names
-the source kind, its name and the XXH3-128 checksum of its bytes.
+the source kind, its name and the XXH3-128 checksum of its bytes (and keeps a compressed-tensors
+folder's ``quantization_config`` block as found).
 
 >>> report = import_checkpoint("out/ckpt.pt", "checkpoints")  # doctest: +SKIP
 >>> report.kind, report.step, report.path
@@ -24,6 +26,7 @@ from typing import Any
 import torch
 
 from portable_ckpt import save as _save
+from portable_ckpt.convert import compressed as _compressed
 from portable_ckpt.convert import hf_trainer as _hf_trainer
 from portable_ckpt.convert import sources as _sources
 from portable_ckpt.convert.parts import ImportEntry, Parts, plain
@@ -38,6 +41,7 @@ KINDS: dict[str, str] = {
     "safetensors": "a bare safetensors file (weights only)",
     "nanogpt": "a nanoGPT training checkpoint (model, optimizer, iter_num, model_args, config)",
     "hf-trainer": "a Hugging Face Trainer checkpoint folder",
+    "compressed-tensors": "a compressed-tensors quantized Hugging Face folder (config.json with a quantization_config)",
     "lightning": "a PyTorch Lightning checkpoint (.ckpt)",
 }
 
@@ -171,11 +175,20 @@ def _folder_checksum(folder: Path) -> tuple[str, dict[str, str]]:
     return checksum(listing.encode("utf-8")), files
 
 
-def _read_source(path: Path, parts: Parts) -> tuple[str, str, dict[str, str] | None]:
-    """(kind, checksum, per-file checksums of a folder) after filling ``parts``."""
+@dataclass(frozen=True, slots=True)
+class _Source:
+    kind: str
+    checksum: str
+    files: dict[str, str] | None = None  # per-file checksums of a folder
+    scheme: _compressed.Scheme | None = None  # a compressed-tensors folder's
+    quantization: dict[str, Any] | None = None  # its quantization_metadata.json document
+
+
+def _read_source(path: Path, parts: Parts) -> _Source:
+    """What the source is, after filling ``parts``."""
     if path.is_file():
         digest = _sources.file_checksum(path)
-        return _read_file(path, parts), digest, None
+        return _Source(_read_file(path, parts), digest)
     if (path / names.MANIFEST).exists():
         raise CheckpointInputError(
             f"{path}: already a portable checkpoint (it has {names.MANIFEST}); nothing to import"
@@ -188,12 +201,15 @@ def _read_source(path: Path, parts: Parts) -> tuple[str, str, dict[str, str] | N
             file=path,
         )
     digest, files = _folder_checksum(path)
+    scheme = _compressed.read_scheme(path)  # refuses a quantization it cannot hold before any weight is read
     handled = _hf_trainer.read_folder(path, parts)
+    quantization = None if scheme is None else _compressed.convert(path, scheme, parts)
     for p in sorted(path.iterdir()):
         if p.name not in handled:
             what = "a directory" if p.is_dir() else "a file"
             parts.skip(p.name, f"{what} the importer does not know (tokenizer files: keep them beside the checkpoint)")
-    return "hf-trainer", digest, files
+    kind = "hf-trainer" if scheme is None else "compressed-tensors"
+    return _Source(kind, digest, files, scheme, quantization)
 
 
 def import_checkpoint(
@@ -203,26 +219,30 @@ def import_checkpoint(
     step: int | None = None,
     overwrite: bool = False,
 ) -> ImportReport:
-    """Import the foreign checkpoint ``src`` (a file or a Trainer folder) as ``<dst>/step-NNNNNNNN``.
+    """Import the foreign checkpoint ``src`` (a file, a Trainer folder or a compressed-tensors folder) as
+    ``<dst>/step-NNNNNNNN``; a compressed-tensors folder becomes a quantized checkpoint.
 
     ``step`` overrides the step the source records (a bare state_dict records none: 0 then).
-    Refuses hostile pickles (``CheckpointUnsafeError``) and sources of no known layout.
+    Refuses hostile pickles (``CheckpointUnsafeError``), sources of no known layout, and quantization a
+    portable checkpoint cannot hold (``CheckpointInputError`` naming the ``config.json`` field).
     """
     given = None if step is None else _save.as_step(step)  # a bad step fails before anything is read
     path = Path(src)
     if not path.exists():
         raise CheckpointNotFoundError(f"{path}: no such file or directory", file=path)
     parts = Parts(label=str(path))
-    kind, digest, files = _read_source(path, parts)
+    source = _read_source(path, parts)
     if given is not None:
         parts.step = given
         parts.carry("(step)", f"{parts.step}, as given")
     elif parts.step is None:
         parts.step = 0
         parts.carry("(step)", "0: the source records no step; pass step= (--step N) to set one")
-    origin: dict[str, Any] = {"kind": kind, "source": path.name, "source_checksum": digest}
-    if files is not None:
-        origin["files"] = files
+    origin: dict[str, Any] = {"kind": source.kind, "source": path.name, "source_checksum": source.checksum}
+    if source.files is not None:
+        origin["files"] = source.files
+    if source.scheme is not None:
+        origin[_compressed.BLOCK] = source.scheme.config
     extra = {**parts.extra, "imported_from": origin}
     snap = _save.snapshot(parts.model, None, parts.config, parts.vocab, parts.step, extra=extra)
     rng_tensors, rng_doc = parts.rng if parts.rng is not None else ({}, None)
@@ -234,13 +254,14 @@ def import_checkpoint(
         rng_tensors=rng_tensors,
         rng_doc=rng_doc,
         rng_sources=sorted(rng_tensors),
+        quantization=source.quantization,
     )
     written = _save.write(snap, dst, overwrite=overwrite)
     return ImportReport(
         path=written,
-        kind=kind,
+        kind=source.kind,
         source=str(path),
-        source_checksum=digest,
+        source_checksum=source.checksum,
         step=parts.step,
         carried=tuple(parts.carried),
         not_carried=tuple(parts.skipped),

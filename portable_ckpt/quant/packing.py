@@ -231,3 +231,27 @@ def pack_zero_point(zero_point: torch.Tensor, bits: int) -> torch.Tensor:
 
 def unpack_zero_point(packed: torch.Tensor, bits: int, rows: int) -> torch.Tensor:
     return unpack_int32(packed.T, bits, rows).T.contiguous()
+
+
+# ---------------------------------------------------------------------------------------------------
+# compressed-tensors pack-quantized: codes of every bit width in int32 words (export writes it, import reads it)
+# ---------------------------------------------------------------------------------------------------
+
+
+def int32_words(n: int, bits: int) -> int:
+    """How many int32 words hold ``n`` codes of ``bits`` bits: ceil(n / (32 // bits))."""
+    return math.ceil(n / (32 // bits))
+
+
+def pack_quantized(q: torch.Tensor, zero_point: torch.Tensor | None, bits: int) -> dict[str, torch.Tensor]:
+    """compressed-tensors ``pack-quantized`` integer tensors by role, from codes [rows, cols] and zero points
+    [rows, groups] (None when symmetric): ``weight_packed`` int32 [rows, int32_words(cols)] (:func:`pack_int32`),
+    ``weight_shape`` int64 [rows, cols], ``weight_zero_point`` int32 [int32_words(rows), groups] packed along
+    the rows (:func:`pack_zero_point`). The inverses are :func:`unpack_int32` and :func:`unpack_zero_point`."""
+    out = {
+        "weight_packed": pack_int32(q, bits),
+        "weight_shape": torch.tensor(list(q.shape), dtype=torch.int64, device=q.device),
+    }
+    if zero_point is not None:
+        out["weight_zero_point"] = pack_zero_point(zero_point, bits)
+    return out
