@@ -1,7 +1,7 @@
 """A fault-injecting HTTP proxy on 127.0.0.1 in front of the local S3 server (tests/s3server.py).
 
 Every request is forwarded to ``upstream`` unless a rule matches it; a rule answers with an error status
-(500, 503, or 503 SlowDown with S3's XML error body) or drops the connection: an upload (PUT, POST) is
+(500, 503, 503 SlowDown, or 403 InvalidAccessKeyId / SignatureDoesNotMatch, with S3's XML error body) or drops the connection: an upload (PUT, POST) is
 not forwarded and gets no answer, any other request is forwarded and its answer cut half way through the body. Rules match a method and a path substring, and either every matching
 request, or only the n-th one (1-based, counted among the requests that rule matches).
 
@@ -20,13 +20,24 @@ import threading
 import urllib.parse
 from typing import Literal
 
-Action = Literal["500", "503", "slowdown", "drop"]
+Action = Literal["500", "503", "slowdown", "drop", "badkey", "badsig"]
 
 # the error bodies S3 sends; botocore reads the code from them
 BODIES: dict[Action, tuple[int, bytes]] = {
     "500": (500, b"<Error><Code>InternalError</Code><Message>injected</Message></Error>"),
     "503": (503, b"<Error><Code>ServiceUnavailable</Code><Message>injected</Message></Error>"),
     "slowdown": (503, b"<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>"),
+    # a server refusing the credentials, as S3 does
+    "badkey": (
+        403,
+        b"<Error><Code>InvalidAccessKeyId</Code><Message>The AWS Access Key Id you provided does not exist in our "
+        b"records.</Message></Error>",
+    ),
+    "badsig": (
+        403,
+        b"<Error><Code>SignatureDoesNotMatch</Code><Message>The request signature we calculated does not match the "
+        b"signature you provided. Check your key and signing method.</Message></Error>",
+    ),
 }
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "upgrade"})
 UPSTREAM_TIMEOUT = 30.0
@@ -127,12 +138,13 @@ class FaultProxy:
                 data = self.body()  # read whole, so the connection stays usable after an error answer
                 action = proxy._decide(self.command, self.path)
                 if action in BODIES:
-                    status, text = BODIES[action]  # type: ignore[index]
+                    status, text = BODIES[action]
                     self.send_response(status)
                     self.send_header("Content-Type", "application/xml")
                     self.send_header("Content-Length", str(len(text)))
                     self.end_headers()
-                    self.wfile.write(text)
+                    if self.command != "HEAD":  # an answer to HEAD has no body
+                        self.wfile.write(text)
                     return
                 if action == "drop" and self.command in ("PUT", "POST"):
                     self.hang_up()  # the upload is lost on the way: nothing reaches the server

@@ -7,8 +7,12 @@ commit nothing.
 
 from __future__ import annotations
 
+import dataclasses
 import io
+import itertools
 import json
+import os
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -32,7 +36,7 @@ from portable_ckpt import (
 )
 from portable_ckpt.cli import main
 from portable_ckpt.format import names
-from portable_ckpt.storage import FsspecStorage, storage_for
+from portable_ckpt.storage import FsspecStorage, remote, storage_for
 
 s3fs = pytest.importorskip("s3fs")
 s3_endpoint, s3_bucket = s3server.s3_endpoint, s3server.s3_bucket  # the fixtures
@@ -131,18 +135,30 @@ def test_manager_retention_latest_restore_and_background_save(s3_bucket, s3_endp
 
 
 class CountingS3(s3fs.S3FileSystem):  # type: ignore[misc]
-    """Records the byte range of every GET."""
+    """Records the byte range of every GET, the bytes each object returned, and the most GETs at once."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.gets: list[tuple[str, int | None, int | None]] = []
+        self.fetched: dict[str, int] = {}
+        self.in_flight = self.most_in_flight = 0
 
     async def _cat_file(self, path: str, version_id: Any = None, start: Any = None, end: Any = None) -> bytes:
-        self.gets.append((path.rsplit("/", 1)[-1], start, end))
-        return await super()._cat_file(path, version_id=version_id, start=start, end=end)
+        name = path.rsplit("/", 1)[-1]
+        self.gets.append((name, start, end))
+        self.in_flight += 1  # the event loop's one thread: no lock needed
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        try:
+            data: bytes = await super()._cat_file(path, version_id=version_id, start=start, end=end)
+        finally:
+            self.in_flight -= 1
+        self.fetched[name] = self.fetched.get(name, 0) + len(data)
+        return data
 
 
 def test_lazy_read_fetches_only_that_tensor(s3_bucket, s3_endpoint):
+    """One tensor of a remote checkpoint: ``latest``, the manifest, one GET of the header (with its read-ahead),
+    and exactly that tensor's byte range; nothing else of model.safetensors."""
     big = torch.arange(512 * 1024, dtype=torch.float32).reshape(512, 1024)  # 2 MiB
     small = torch.linspace(-1, 1, 7)
     url = f"s3://{s3_bucket}/run"
@@ -150,10 +166,76 @@ def test_lazy_read_fetches_only_that_tensor(s3_bucket, s3_endpoint):
     fs = CountingS3(skip_instance_cache=True, use_listings_cache=False, **options(s3_endpoint))
     with open_checkpoint(FsspecStorage(fs, f"{s3_bucket}/run")) as reader:
         assert torch.equal(reader.tensor("small"), small)
+    raw = raw_fs(s3_endpoint)
+    key = f"{s3_bucket}/run/step-00000001/{names.MODEL}"
+    (length,) = struct.unpack("<Q", raw.cat_file(key, start=0, end=8))
+    start, end = json.loads(raw.cat_file(key, start=8, end=8 + length))["small"]["data_offsets"]
     model_gets = [(s, e) for name, s, e in fs.gets if name == names.MODEL]
-    fetched = sum(e - s for s, e in model_gets)
+    assert model_gets == [(0, 8 + remote.READAHEAD), (8 + length + start, 8 + length + end)]
+    assert sorted({name for name, *_ in fs.gets}) == sorted({names.LATEST, names.MANIFEST, names.MODEL})
+    assert sum(fs.fetched.values()) == (
+        len(raw.cat_file(f"{s3_bucket}/run/latest"))
+        + raw.size(f"{s3_bucket}/run/step-00000001/{names.MANIFEST}")
+        + 8
+        + remote.READAHEAD
+        + small.numel() * 4
+    )
+
+
+def test_a_large_read_fetches_ranges_concurrently_and_in_bounded_memory(s3_bucket, s3_endpoint):
+    """A verified load of a file larger than the read window: ranged GETs of ``get_size`` with at most
+    ``concurrency`` in flight, in place, bitwise; a lazy read of a large tensor, its range exactly."""
+    fs = CountingS3(skip_instance_cache=True, use_listings_cache=False, **options(s3_endpoint))
+    root = FsspecStorage(fs, f"{s3_bucket}/run", block_size=BIG_BLOCK, concurrency=3, get_size=1 << 20)
+    state = {"a": torch.randn(1 << 20), "b": torch.randn(3 << 19), "c": torch.arange(5, dtype=torch.int64)}  # 10 MiB
+    save_checkpoint(state, None, {}, None, 1, root)
+    fs.gets.clear()
+    model = nn.ParameterDict({k: nn.Parameter(torch.zeros_like(v), requires_grad=False) for k, v in state.items()})
+    own = {k: p.data_ptr() for k, p in model.items()}
+    load_checkpoint(root, model, verify=True)
+    for k, v in state.items():
+        assert torch.equal(model[k], v) and model[k].data_ptr() == own[k]  # filled in place
+    ranges = [(s, e) for name, s, e in fs.gets if name == names.MODEL]
     size = raw_fs(s3_endpoint).size(f"{s3_bucket}/run/step-00000001/{names.MODEL}")
-    assert size > 2 << 20 and fetched < 600 << 10, model_gets  # the header (with read-ahead) and 28 bytes
+    assert ranges[0] == (0, 8 + remote.READAHEAD)
+    covered = sorted(ranges[1:])
+    assert covered[0][0] <= 8 + remote.READAHEAD and covered[-1][1] == size
+    assert all(e - s <= 1 << 20 for s, e in covered)  # ranges of get_size at most
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(covered))  # no byte fetched twice
+    assert 2 <= fs.most_in_flight <= 3
+    fs.gets.clear()
+    with open_checkpoint(root) as reader:
+        assert torch.equal(reader.tensor("a"), state["a"])
+    tensor_gets = sorted((s, e) for name, s, e in fs.gets if name == names.MODEL)[1:]
+    assert sum(e - s for s, e in tensor_gets) == 4 << 20 and len(tensor_gets) == 4
+
+
+def test_reads_that_skip_or_go_back_get_the_right_bytes(s3_bucket, s3_endpoint):
+    """Sequential reads, seeks past what the stream fetched ahead, back, and positional reads: the bytes asked."""
+    fs = raw_fs(s3_endpoint)
+    data = torch.randint(0, 256, (5 << 20,), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    blob = data.numpy().tobytes()
+    fs.pipe_file(f"{s3_bucket}/blob", blob)
+    root = FsspecStorage(fs, s3_bucket, concurrency=2, get_size=1 << 20)
+    f = remote.FsspecFile(root, f"{s3_bucket}/blob", len(blob))
+    mib = 1 << 20
+
+    def read_at(pos: int | None, n: int) -> bytes:
+        if pos is not None:
+            f.seek(pos)
+        return f.read(n)
+
+    try:
+        assert read_at(None, mib) == blob[:mib]
+        assert read_at(None, mib) == blob[mib : 2 * mib]  # the stream now runs two ranges ahead
+        assert read_at(4 * mib, mib) == blob[4 * mib :]  # where the fetched-ahead ranges end
+        assert read_at(mib + 5, 10) == blob[mib + 5 : mib + 15]  # back, a small read
+        assert read_at(None, 2 * mib) == blob[mib + 15 : 3 * mib + 15]
+        view = bytearray(3 * mib)
+        assert f.pread_into(memoryview(view), mib // 2) == 3 * mib and bytes(view) == blob[mib // 2 : 7 * mib // 2]
+        assert read_at(len(blob) - 3, 10) == blob[-3:] and f.read(1) == b""
+    finally:
+        f.close()
 
 
 def test_cli_inspect_validate_list_on_an_s3_url(s3_bucket):
@@ -201,24 +283,19 @@ def test_a_corrupted_object_is_named(s3_bucket, s3_endpoint):
 
 
 class FailingS3(s3fs.S3FileSystem):  # type: ignore[misc]
-    """Uploads of one object fail past ``fail_at`` bytes, as a dropped connection does."""
+    """Uploads of one object fail once more than ``fail_at`` of its bytes were sent, as a dropped
+    connection does (the requests before go through)."""
 
     def __init__(self, *args: Any, fail_on: str, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.fail_on, self.fail_at = fail_on, 256
+        self.fail_on, self.fail_at, self.sent = fail_on, 256, 0
 
-    def open(self, path: str, mode: str = "rb", **kwargs: Any) -> Any:
-        f = super().open(path, mode, **kwargs)
-        if mode in ("wb", "xb") and path.endswith(self.fail_on):
-            real = f.write
-
-            def write(data: Any) -> int:
-                if f.tell() + len(data) > self.fail_at:
-                    raise botocore_exceptions.EndpointConnectionError(endpoint_url="http://127.0.0.1")
-                return real(data)  # type: ignore[no-any-return]
-
-            f.write = write
-        return f
+    async def _call_s3(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        if method in ("put_object", "upload_part") and str(kwargs.get("Key", "")).endswith(self.fail_on):
+            self.sent += len(kwargs["Body"])
+            if self.sent > self.fail_at:
+                raise botocore_exceptions.EndpointConnectionError(endpoint_url="http://127.0.0.1")
+        return await super()._call_s3(method, *args, **kwargs)
 
 
 @pytest.mark.parametrize("fail_on", [names.MODEL, names.OPTIMIZER, names.MANIFEST])
@@ -256,6 +333,35 @@ def test_uncommitted_leftovers_are_never_loaded_and_are_cleaned(s3_bucket, s3_en
             f"step-00000001/{n}" for n in (names.MANIFEST, names.MODEL, names.CONFIG, names.RNG_JSON, names.RNG_TENSORS)
         ),
     ]
+
+
+def test_clean_aborts_the_multipart_uploads_dead_writers_left_open(s3_bucket, s3_endpoint):
+    """An open upload in a step directory without a manifest or a live writer is aborted; a live writer's is
+    left alone unless it is older than ``abort_after``; nothing outside the root is touched."""
+    url = f"s3://{s3_bucket}/run"
+    save_checkpoint(model_for(1), None, {}, None, 1, url)
+    fs = raw_fs(s3_endpoint)
+    fs.pipe_file(f"{s3_bucket}/run/.pending-step-00000003-{os.getpid()}-0123abcd", b"")  # step 3: a live writer
+
+    def begin(key: str) -> None:
+        upload = fs.call_s3("create_multipart_upload", Bucket=s3_bucket, Key=key)
+        fs.call_s3("upload_part", Bucket=s3_bucket, Key=key, UploadId=upload["UploadId"], PartNumber=1, Body=b"x")
+
+    for key in ("run/step-00000002/model.safetensors", "run/step-00000003/model.safetensors", "other/step-00000002/x"):
+        begin(key)
+
+    def still_open() -> list[str]:
+        return sorted(u["Key"] for u in fs.list_multipart_uploads(s3_bucket))
+
+    root = storage_for(url)
+    assert isinstance(root, FsspecStorage)
+    young = dataclasses.replace(root, abort_after=1e12)  # every upload younger than that
+    assert young.clean() == ["step-00000002/model.safetensors (multipart upload)"]
+    assert still_open() == ["other/step-00000002/x", "run/step-00000003/model.safetensors"]
+    # moto dates every upload 2010-11-10: older than the default threshold, so even the live writer's goes
+    assert root.clean() == ["step-00000003/model.safetensors (multipart upload)"]
+    assert still_open() == ["other/step-00000002/x"]
+    assert load_checkpoint(url).step == 1
 
 
 def test_overwrite_is_refused_and_removal_deletes_the_manifest_first(s3_bucket):
@@ -331,12 +437,13 @@ def test_a_multipart_upload_failing_after_a_part_is_aborted(s3_bucket, s3_endpoi
 class RacedS3(s3fs.S3FileSystem):  # type: ignore[misc]
     """Another writer's manifest lands just before ours (create-only writes let only one commit)."""
 
-    def open(self, path: str, mode: str = "rb", **kwargs: Any) -> Any:
-        if mode in ("wb", "xb"):
-            assert mode == ("xb" if path.endswith(names.MANIFEST) else "wb")
-        if path.endswith(names.MANIFEST):
-            self.pipe_file(path, b"the other writer's manifest")
-        return super().open(path, mode, **kwargs)
+    async def _call_s3(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        key = str(kwargs.get("Key", ""))
+        if method in ("put_object", "complete_multipart_upload") and "/step-" in key:
+            assert ("IfNoneMatch" in kwargs) == key.endswith(names.MANIFEST)  # only the manifest is create-only
+            if key.endswith(names.MANIFEST):
+                await super()._call_s3(method, Bucket=kwargs["Bucket"], Key=key, Body=b"the other writer's manifest")
+        return await super()._call_s3(method, *args, **kwargs)
 
 
 def test_of_two_writers_racing_for_a_step_one_commits(s3_bucket, s3_endpoint):

@@ -24,6 +24,7 @@ from torch import nn
 
 from portable_ckpt import (
     CheckpointCorruptedError,
+    CheckpointError,
     CheckpointManager,
     CheckpointWriteError,
     load_checkpoint,
@@ -78,20 +79,21 @@ def through(proxy: s3proxy.FaultProxy, bucket: str, *, block_size: int = PART) -
 # --- a writer killed mid-upload -------------------------------------------------------------------------
 
 CHILD = """
-import sys, time
-import s3fs.core, torch
+import asyncio, sys
+import s3fs, torch
 from torch import nn
 from portable_ckpt import CheckpointManager
 from portable_ckpt.storage import FsspecStorage
 
 endpoint, bucket, key, secret = sys.argv[1:5]
-upload = s3fs.core.S3File._upload_chunk
+call = s3fs.S3FileSystem._call_s3
 
-def slow_upload(self, final=False):  # a slow link: each part takes a while
-    time.sleep(0.3)
-    return upload(self, final)
+async def slow_call(self, method, *args, **kwargs):  # a slow link: the parts in flight land one by one
+    if method == "upload_part":
+        await asyncio.sleep(0.4 * kwargs["PartNumber"])
+    return await call(self, method, *args, **kwargs)
 
-s3fs.core.S3File._upload_chunk = slow_upload
+s3fs.S3FileSystem._call_s3 = slow_call
 root = FsspecStorage.from_location(
     f"s3://{bucket}/run",
     storage_options={"endpoint_url": endpoint, "key": key, "secret": secret},
@@ -147,7 +149,11 @@ def test_a_writer_killed_mid_upload_commits_nothing_and_is_cleaned(s3_bucket, s3
     assert child.returncode == -signal.SIGKILL
 
     left = sorted(set(objects(fs, s3_bucket)) - set(committed))
-    assert left == [f".pending-step-00000002-{child.pid}-" + left[0].rsplit("-", 1)[1], f"step-00000002/{names.MODEL}"]
+    assert left[0] == f".pending-step-00000002-{child.pid}-" + left[0].rsplit("-", 1)[1]
+    # what completed of step 2 (model.safetensors, written alongside optimizer.pt, may be up), never its manifest
+    assert set(left[1:]) <= {
+        f"step-00000002/{n}" for n in (names.MODEL, names.CONFIG, names.RNG_JSON, names.RNG_TENSORS)
+    }
     assert {k: v for k, v in objects(fs, s3_bucket).items() if k in committed} == committed  # latest unchanged
     assert fs.cat_file(f"{s3_bucket}/run/latest") == b"step-00000001\n"
     fresh = model_for(0)
@@ -158,10 +164,7 @@ def test_a_writer_killed_mid_upload_commits_nothing_and_is_cleaned(s3_bucket, s3
     manager = CheckpointManager(url)  # cleans the dead writer's leftovers
     assert manager.steps() == [1] and manager.latest() == f"{url}/step-00000001"
     assert objects(fs, s3_bucket) == committed
-    # the multipart upload the writer had begun stays open (invisible, never listed as an object) until a
-    # bucket lifecycle rule (AbortIncompleteMultipartUpload) or an explicit abort removes it
-    open_uploads = [u["Key"] for u in fs.list_multipart_uploads(s3_bucket)]
-    assert open_uploads == [f"run/step-00000002/{names.OPTIMIZER}"]
+    assert fs.list_multipart_uploads(s3_bucket) == []  # the upload the writer had begun is aborted too
 
 
 # --- server errors and dropped connections, through the proxy ---------------------------------------------
@@ -200,12 +203,14 @@ def test_a_transient_error_is_retried_and_the_save_commits(proxy, s3_bucket, s3_
     assert fs.list_multipart_uploads(s3_bucket) == []
 
 
-# (action, what is hit, most requests to it): botocore's attempts, times s3fs's retries where s3fs retries too
+# (action, what is hit, most requests to it): botocore's attempts, times s3fs's retries where s3fs retries too,
+# times the parts in flight when every part of model.safetensors fails (3 parts of 12 MiB: all in flight at once)
+IN_FLIGHT = 3
 PERSISTENT: list[tuple[s3proxy.Action, str, int]] = [
-    ("500", names.MODEL, ATTEMPTS),
-    ("503", names.MODEL, ATTEMPTS),
-    ("slowdown", names.MODEL, ATTEMPTS * S3FS_RETRIES),
-    ("drop", names.MODEL, 2 * ATTEMPTS * S3FS_RETRIES),  # measured: aiohttp's disconnect is retried twice over
+    ("500", names.MODEL, ATTEMPTS * IN_FLIGHT),
+    ("503", names.MODEL, ATTEMPTS * IN_FLIGHT),
+    ("slowdown", names.MODEL, ATTEMPTS * S3FS_RETRIES * IN_FLIGHT),
+    ("drop", names.MODEL, 2 * ATTEMPTS * S3FS_RETRIES * IN_FLIGHT),  # measured: aiohttp retries a disconnect twice over
     ("500", "partNumber=2", ATTEMPTS),
     ("503", names.MANIFEST, ATTEMPTS),
 ]
@@ -243,6 +248,27 @@ def test_a_persistent_read_error_fails_the_load_with_the_object_named(proxy, s3_
     assert (
         2 <= proxy.count("GET", f"/step-00000001/{names.MODEL}") <= ATTEMPTS * 2
     )  # the header read, and perhaps one more
+
+
+@pytest.mark.parametrize("action", ["badkey", "badsig"])
+def test_refused_credentials_name_the_location_and_how_to_pass_them(proxy, s3_bucket, s3_endpoint, action):
+    root = through(proxy, s3_bucket)
+    save_checkpoint(model_for(1), None, {}, None, 1, root)
+    fs = raw_fs(s3_endpoint)
+    before = objects(fs, s3_bucket)
+    proxy.clear()
+    proxy.fail(action)  # every request: InvalidAccessKeyId, or SignatureDoesNotMatch, as S3 answers them
+    remedy = "pass the credentials as storage options (FsspecStorage.from_location(url, storage_options="
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint(root)
+    assert str(e.value).startswith(f"s3://{s3_bucket}/run: access denied (")
+    assert remedy in str(e.value) and e.value.file == f"s3://{s3_bucket}/run"
+    with pytest.raises(CheckpointWriteError, match=r"saving step 2 .*nothing was committed") as w:
+        save_checkpoint(model_for(2), None, {}, None, 2, root)
+    assert f"s3://{s3_bucket}/run" in str(w.value) and "access denied" in str(w.value) and remedy in str(w.value)
+    assert proxy.count() <= 4  # refused credentials are not retried
+    proxy.clear()
+    assert objects(fs, s3_bucket) == before
 
 
 def test_a_corrupted_object_is_named(proxy, s3_bucket, s3_endpoint):

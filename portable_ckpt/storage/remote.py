@@ -1,8 +1,11 @@
 """Object stores through fsspec (``s3://``, and ``gs://``, ``az://`` ... the same way): ``manifest-last``.
 
-Every object is written whole: a ``WriteFile`` streams into fsspec's buffered writer, which uploads one
-part at a time (bounded memory) and makes the object visible only when ``close()`` completes it. Reads
-are ranged GETs (``cat_file`` with start/end), so a lazy tensor read fetches that tensor's bytes only.
+Every object is written whole. On S3 a ``WriteFile`` is our own multipart upload (``S3Writer``): parts of
+``block_size`` with up to ``concurrency`` in flight (bounded memory), completed by ``close()``, which makes the
+object visible, or aborted after a failure; other stores go through fsspec's buffered writer. Reads are ranged
+GETs (``cat_file`` with start/end) on the implementation's event loop, ``concurrency`` at once: a lazy tensor
+read fetches that tensor's bytes only; a sequential read streams ahead of the reader. ``clean()`` also aborts
+the multipart uploads dead writers left open under the root.
 
 Storage options (endpoint, credentials, anything the fsspec implementation takes) come from fsspec's
 own configuration (``fsspec.config.conf["s3"]``, ``FSSPEC_S3_*`` environment variables), or from
@@ -13,13 +16,19 @@ bucket in this process, because the layers above re-open locations by URL (a che
 
 from __future__ import annotations
 
+import asyncio
+import collections
+import concurrent.futures
 import contextlib
 import dataclasses
+import datetime
 import errno
 import importlib
 import os
+import threading
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import Future
 from typing import Any
 
 from portable_ckpt.errors import (
@@ -64,16 +73,38 @@ HINTS: dict[str, tuple[int, str]] = {
     "ReadTimeoutError": (errno.ETIMEDOUT, "the endpoint stopped answering"),
 }
 
+# what to do when the store refuses the credentials
+ACCESS_HINT = (
+    "pass the credentials as storage options (FsspecStorage.from_location(url, storage_options={'key': ..., "
+    "'secret': ...}) or fsspec's configuration, e.g. FSSPEC_S3_KEY and FSSPEC_S3_SECRET) or as the store's own "
+    "environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_PROFILE), and check the bucket's permissions"
+)
+
 # schemes whose implementation writes create-only (``open(..., "xb")``: S3's If-None-Match: *), used for the
 # manifest so that of two writers racing for one step at most one commits (§11.2, two writers of one step)
 CREATE_ONLY = frozenset({"s3", "s3a"})
 
+# schemes written by our own multipart upload (parts in flight concurrently); others through fsspec's writer
+MULTIPART = frozenset({"s3", "s3a"})
+
 BLOCK_SIZE = 16 << 20  # one buffered part of a multipart upload (S3 needs >= 5 MiB but for the last)
-READAHEAD = 256 << 10  # a sequential read fetches this much more, so small reads are not one GET each
-MAX_GET = 64 << 20  # the most one ranged GET returns (bounds the extra copy of readinto)
+GET_SIZE = 16 << 20  # one ranged GET of a large read
+CONCURRENCY = 8  # parts uploading, or ranged GETs fetching, at once per file: memory is this times the size
+ABORT_AFTER = 24 * 3600.0  # seconds: a multipart upload open this long is a dead writer's, whatever its step
+READAHEAD = 256 << 10  # a small sequential read fetches this much more, so small reads are not one GET each
 
 # (scheme, bucket) -> the file system opened with explicit storage options for it
 _OPENED: dict[tuple[str, str], Any] = {}
+# threads for implementations without an event loop of their own (fsspec's async ones run on theirs)
+_POOL: list[concurrent.futures.ThreadPoolExecutor] = []
+_POOL_LOCK = threading.Lock()
+
+
+def _pool() -> concurrent.futures.ThreadPoolExecutor:
+    with _POOL_LOCK:
+        if not _POOL:
+            _POOL.append(concurrent.futures.ThreadPoolExecutor(4 * CONCURRENCY, thread_name_prefix="portable-ckpt-io"))
+        return _POOL[0]
 
 
 def scheme_of(location: str) -> str:
@@ -88,6 +119,11 @@ def _foreign(scheme: str) -> tuple[type[BaseException], ...]:
         return (getattr(importlib.import_module(module), cls),)
     except (ImportError, AttributeError):
         return ()
+
+
+def unsatisfiable(e: OSError) -> bool:
+    """The store's 416 for a range beyond the object's end (it shrank, or is empty): a short read, not a failure."""
+    return e.errno == errno.EINVAL and "range" in str(e).lower()
 
 
 def _os_error(e: BaseException, url: str) -> OSError:
@@ -105,6 +141,9 @@ class FsspecStorage:
     block_size: int = BLOCK_SIZE
     commit_strategy: CommitStrategy = "manifest-last"
     create_only: bool = True  # write the manifest create-only where the scheme can (False: a store without it)
+    concurrency: int = CONCURRENCY  # parts in flight per file written, ranged GETs per file read
+    get_size: int = GET_SIZE  # one ranged GET of a large read
+    abort_after: float = ABORT_AFTER  # clean() aborts multipart uploads begun longer ago than this (seconds)
 
     @staticmethod
     def accepts(location: str) -> bool:
@@ -127,10 +166,14 @@ class FsspecStorage:
         storage_options: dict[str, Any] | None = None,
         block_size: int = BLOCK_SIZE,
         create_only: bool = True,
+        concurrency: int = CONCURRENCY,
+        abort_after: float = ABORT_AFTER,
     ) -> FsspecStorage:
         """The storage a URL names. ``storage_options`` go to the fsspec implementation (``endpoint_url``,
-        ``key``, ``secret``, ...) and serve later URLs of the same bucket too. ``block_size``: the part
-        buffered per file being written; ``create_only=False`` for an S3 store without conditional writes.
+        ``key``, ``secret``, ...) and serve later URLs of the same bucket too. ``block_size``: one part of a
+        multipart upload; ``concurrency``: parts uploading, or ranged GETs, at once per file (the extra
+        memory is about their product); ``create_only=False`` for an S3 store without conditional writes;
+        ``abort_after``: ``clean()`` aborts any multipart upload under the root begun longer ago (seconds).
 
         >>> FsspecStorage.from_location("s3://bucket/run", storage_options={"anon": True})  # doctest: +SKIP
         """
@@ -155,7 +198,12 @@ class FsspecStorage:
             fs, _ = url_to_fs(location, **options)
             if storage_options is not None:
                 _OPENED[(scheme, bucket)] = fs
-        return cls(fs, fs._strip_protocol(location).rstrip("/"), scheme, block_size, create_only=create_only)
+        if concurrency < 1:
+            raise CheckpointInputError(f"{location}: concurrency must be at least 1, not {concurrency}")
+        path = fs._strip_protocol(location).rstrip("/")
+        return cls(
+            fs, path, scheme, block_size, create_only=create_only, concurrency=concurrency, abort_after=abort_after
+        )
 
     @property
     def location(self) -> str:
@@ -167,6 +215,12 @@ class FsspecStorage:
     @property
     def bucket(self) -> str:
         return self.path.split("/", 1)[0]
+
+    @property
+    def prefix(self) -> str:
+        """The keys below this location start with this (empty at a bucket's top)."""
+        below = self.path.partition("/")[2]
+        return f"{below}/" if below else ""
 
     def url(self, name: str | None = None) -> str:
         return self.location if name is None else f"{self.location}/{name}"
@@ -181,6 +235,10 @@ class FsspecStorage:
             yield
         except _foreign(self.scheme) as e:
             raise _os_error(e, url) from e
+        except PermissionError as e:  # credentials refused (InvalidAccessKeyId, SignatureDoesNotMatch, 403)
+            if e.filename is not None:
+                raise
+            raise PermissionError(errno.EACCES, f"access denied ({e.strerror or e}); {ACCESS_HINT}", url) from e
         except OSError as e:
             if e.filename is not None or type(e).__module__ != "builtins":
                 raise
@@ -196,14 +254,23 @@ class FsspecStorage:
             with self.errors(url):
                 yield
         except PermissionError as e:
-            raise CheckpointNotFoundError(
-                f"{url}: access denied ({e}); check the credentials (key, secret, profile) and the bucket's "
-                "permissions",
-                file=url,
-            ) from e
+            raise CheckpointNotFoundError(f"{url}: {e.strerror or e}", file=url) from e
 
     def child(self, name: str) -> FsspecStorage:
         return dataclasses.replace(self, path=self._key(name))
+
+    def submit(self, method: str, *args: Any, **kwargs: Any) -> Future[Any]:
+        """Start ``fs.<method>(...)`` without waiting for it: as a coroutine on the implementation's own
+        event loop where it has one (s3fs, gcsfs, adlfs), else on a thread."""
+        fs = self.fs
+        if getattr(fs, "async_impl", False) and not getattr(fs, "asynchronous", False):
+            return asyncio.run_coroutine_threadsafe(getattr(fs, f"_{method}")(*args, **kwargs), fs.loop)
+        return _pool().submit(getattr(fs, method), *args, **kwargs)
+
+    def writer(self, key: str, *, create_only: bool = False) -> S3Writer | FsspecWriter:
+        if self.scheme in MULTIPART and hasattr(self.fs, "_call_s3"):
+            return S3Writer(self, key, create_only=create_only)
+        return FsspecWriter(self, key, create_only=create_only)
 
     def info(self, key: str) -> dict[str, Any] | None:
         with self.errors(self.key_url(key)):
@@ -258,6 +325,10 @@ class FsspecStorage:
                 return self.fs.cat_file(self._key(name), start=0, end=limit)
             except (FileNotFoundError, IsADirectoryError):
                 return None
+            except OSError as e:
+                if unsatisfiable(e):  # an empty object: S3 refuses any range of it
+                    return b""
+                raise
 
     def write_small(self, name: str, data: bytes) -> None:
         with self.errors(self.url(name)):
@@ -271,6 +342,13 @@ class FsspecStorage:
 
     def stage(self, name: str, *, overwrite: bool) -> FsspecStaging:
         return FsspecStaging(self, name, overwrite=overwrite)
+
+    def join(self, area: str) -> FsspecJoined:
+        """Write into the step directory ``area`` that another process's staging opened (manifest-last:
+        the staging area is the step directory itself)."""
+        if names.step_of(area) is None or "/" in area:
+            raise CheckpointInputError(f"{self.url(area)}: not a staging area of {self.location}", file=self.url(area))
+        return FsspecJoined(self, self._key(area))
 
     def delete(self, key: str) -> None:
         with self.errors(self.key_url(key)), contextlib.suppress(FileNotFoundError):
@@ -308,69 +386,173 @@ class FsspecStorage:
                 self.delete_tree(self._key(name))
                 self.delete(self._key(name))
                 removed.append(name)
-        return removed
+        return removed + self.abort_uploads()
+
+    def open_uploads(self) -> Iterator[dict[str, Any]]:
+        """The multipart uploads begun and neither completed nor aborted under this location (S3)."""
+        more: dict[str, str] = {}
+        while True:
+            with self.errors(self.location):
+                page = self.fs.call_s3("list_multipart_uploads", Bucket=self.bucket, Prefix=self.prefix, **more)
+            yield from page.get("Uploads") or []
+            if not page.get("IsTruncated"):
+                return
+            more = {"KeyMarker": page["NextKeyMarker"], "UploadIdMarker": page["NextUploadIdMarker"]}
+
+    def abort_uploads(self) -> list[str]:
+        """Abort the multipart uploads dead writers left open under this root (S3 keeps their parts, unlisted
+        and billed, until then): those in a step directory without a manifest and without a live writer's
+        marker (what ``clean`` deletes the objects of), and any begun more than ``abort_after`` seconds ago
+        (a live writer's upload is never that old; aborting one fails its save, which commits nothing)."""
+        if self.scheme not in MULTIPART or not hasattr(self.fs, "call_s3"):
+            return []
+        now = datetime.datetime.now(datetime.timezone.utc)
+        start = len(self.prefix)
+        dead: dict[str, bool] = {}
+        aborted = []
+        for upload in list(self.open_uploads()):
+            name = upload["Key"][start:]
+            top = name.split("/", 1)[0]
+            if top not in dead:
+                dead[top] = (
+                    names.step_of(top) is not None
+                    and self.child(top).kind(names.MANIFEST) != "file"
+                    and not self.pending_writer(top)
+                )
+            begun = upload.get("Initiated")
+            old = isinstance(begun, datetime.datetime) and (now - begun).total_seconds() > self.abort_after
+            if dead[top] or old:
+                with self.errors(self.url(name)), contextlib.suppress(FileNotFoundError):  # NoSuchUpload: gone
+                    self.fs.call_s3(
+                        "abort_multipart_upload", Bucket=self.bucket, Key=upload["Key"], UploadId=upload["UploadId"]
+                    )
+                aborted.append(f"{name} (multipart upload)")
+        return aborted
 
 
 class FsspecFile:
-    """One object read by ranged GETs; sequential reads fetch ``READAHEAD`` more than asked."""
+    """One object read by ranged GETs.
+
+    ``pread_into`` fetches exactly the range asked, in ``get_size`` pieces at most ``concurrency`` at a time.
+    Sequential reads (``readinto``) fetch ``READAHEAD`` more than a small read asks; a large one starts a
+    stream of ranged GETs running ahead of the reader once a second read continues it (a lone large read
+    fetches what it asks, rounded up to whole ranges), at most ``concurrency`` pieces fetched or waiting, so
+    the extra memory is ``(concurrency + 1) * get_size`` (with the piece being copied) whatever the size.
+    """
 
     def __init__(self, storage: FsspecStorage, key: str, size: int) -> None:
         self.storage, self.key, self.size = storage, key, size
         self.url = storage.key_url(key)
         self.pos = 0
-        self.buf = b""
+        self.buf: bytes = b""
         self.buf_start = 0
+        self.ahead: collections.deque[tuple[int, int, Future[bytes]]] = collections.deque()  # (start, end, GET)
+        self.ahead_end = 0  # where the next streamed range starts
+        self.ahead_limit = 0  # how far the stream may run: the first read's end, then the object's
 
-    def fetch(self, start: int, end: int) -> bytes:
-        end = min(end, self.size, start + MAX_GET)
-        if start >= end:
-            return b""
+    def get(self, start: int, end: int) -> Future[bytes]:
+        return self.storage.submit("cat_file", self.key, start=start, end=end)
+
+    def result(self, start: int, end: int, got: Future[bytes]) -> bytes:
         try:
-            with self.storage.errors(self.url):
-                return self.storage.fs.cat_file(self.key, start=start, end=end)
+            with self.storage.reading(self.url):
+                data = got.result()
         except FileNotFoundError:
             raise CheckpointNotFoundError(
                 f"{self.url}: the object was deleted while the checkpoint was read (retention?)", file=self.url
             ) from None
+        except OSError as e:
+            if not unsatisfiable(e):
+                raise
+            data = b""  # the object shrank below this range after it was opened
+        if len(data) != end - start:
+            raise CheckpointCorruptedError(
+                f"{self.url}: bytes {start}-{end} came back as {len(data)} bytes (the object changed while read?)",
+                file=self.url,
+            )
+        return data
+
+    def fetch(self, start: int, end: int) -> bytes:
+        end = min(end, self.size)
+        return self.result(start, end, self.get(start, end)) if start < end else b""
 
     def read(self, n: int = -1, /) -> bytes:
         want = self.size - self.pos if n < 0 else min(n, self.size - self.pos)
         out = bytearray(want)
-        got = 0
-        while got < want:
-            k = self.readinto(memoryview(out)[got:])
-            if not k:
-                break
-            got += k
+        got = self.readinto(out)
         return bytes(out[:got])
 
     def readinto(self, view: memoryview | bytearray, /) -> int:
         view = memoryview(view).cast("B")
-        offset = self.pos - self.buf_start
-        if not 0 <= offset < len(self.buf):
-            if len(view) >= READAHEAD:  # large: straight from the store
-                n = self.pread_into(view, self.pos)
-                self.pos += n
-                return n
-            self.buf, self.buf_start, offset = self.fetch(self.pos, self.pos + len(view) + READAHEAD), self.pos, 0
-        piece = self.buf[offset : offset + len(view)]
-        view[: len(piece)] = piece
-        self.pos += len(piece)
-        return len(piece)
+        done = 0
+        while done < len(view) and self.pos < self.size:
+            offset = self.pos - self.buf_start
+            if not 0 <= offset < len(self.buf):
+                self.refill(len(view) - done)
+                offset = 0
+            piece = memoryview(self.buf)[offset : offset + len(view) - done]
+            view[done : done + len(piece)] = piece
+            done += len(piece)
+            self.pos += len(piece)
+        return done
+
+    def refill(self, want: int) -> None:
+        """Make ``buf`` start at ``pos``: the stream's next range, or a new GET."""
+        head = self.ahead[0][0] if self.ahead else self.ahead_end  # where the stream goes on
+        if self.ahead_limit and self.pos == head:
+            self.ahead_limit = self.size  # a second read continues the stream: let it run ahead
+        elif want >= READAHEAD:  # a large read: whole ranges of it, the last one rounded up to a range
+            self.stop()
+            step = self.storage.get_size
+            self.ahead_end, self.ahead_limit = self.pos, min(self.size, self.pos + -(-want // step) * step)
+        else:
+            self.stop()
+            self.buf, self.buf_start = self.fetch(self.pos, self.pos + want + READAHEAD), self.pos
+            return
+        self.top_up()
+        start, end, got = self.ahead.popleft()
+        self.buf, self.buf_start = self.result(start, end, got), start
+        self.top_up()
+
+    def top_up(self) -> None:
+        step = self.storage.get_size
+        while len(self.ahead) < self.storage.concurrency and self.ahead_end < self.ahead_limit:
+            start, end = self.ahead_end, min(self.ahead_end + step, self.ahead_limit)
+            self.ahead.append((start, end, self.get(start, end)))
+            self.ahead_end = end
+
+    def stop(self) -> None:
+        while self.ahead:
+            self.ahead.pop()[2].cancel()
+        self.ahead_limit = 0
 
     def seek(self, pos: int, /) -> int:
         self.pos = pos
         return pos
 
     def pread_into(self, view: memoryview, offset: int) -> int:
-        data = self.fetch(offset, offset + len(view))
-        memoryview(view).cast("B")[: len(data)] = data
-        return len(data)
+        view = memoryview(view).cast("B")
+        end = min(offset + len(view), self.size)
+        step, window = self.storage.get_size, self.storage.concurrency
+        ranges = [(s, min(s + step, end)) for s in range(offset, end, step)]
+        pending: collections.deque[tuple[int, int, Future[bytes]]] = collections.deque()
+        try:
+            for i in range(len(ranges)):
+                while len(pending) < window and i + len(pending) < len(ranges):
+                    s, e = ranges[i + len(pending)]
+                    pending.append((s, e, self.get(s, e)))
+                s, e, got = pending.popleft()
+                view[s - offset : e - offset] = self.result(s, e, got)
+        finally:
+            for *_, got in pending:
+                got.cancel()
+        return max(0, end - offset)
 
     def mmap_path(self) -> str | None:
         return None
 
     def close(self) -> None:
+        self.stop()
         self.buf = b""
 
 
@@ -420,6 +602,106 @@ class FsspecWriter:
         self.f.closed = True  # so that its finalizer does not try to complete the discarded upload
 
 
+class S3Writer:
+    """Streams one S3 object as a multipart upload with up to ``concurrency`` parts in flight (s3fs's own
+    writer uploads one part at a time). A file smaller than a part is one PUT at ``close``. The extra
+    memory is ``(concurrency + 1) * block_size``: the parts uploading and the one filling. After a failed
+    write or upload, ``close`` aborts the upload instead of completing it, so no partial object appears."""
+
+    def __init__(self, storage: FsspecStorage, key: str, *, create_only: bool = False) -> None:
+        self.storage, self.url, self.failed, self.lost = storage, storage.key_url(key), False, False
+        self.bucket, self.key = key.split("/", 1)
+        self.match = {"IfNoneMatch": "*"} if create_only else {}
+        self.part = bytearray()
+        self.upload_id: str | None = None
+        self.parts: list[dict[str, Any]] = []
+        self.inflight: collections.deque[tuple[int, Future[dict[str, Any]]]] = collections.deque()
+
+    def call(self, method: str, **kwargs: Any) -> Future[dict[str, Any]]:
+        return self.storage.submit("call_s3", method, Bucket=self.bucket, Key=self.key, **kwargs)
+
+    def wait(self, got: Future[dict[str, Any]]) -> dict[str, Any]:
+        with self.storage.errors(self.url):
+            return got.result()
+
+    def write(self, data: bytes | memoryview, /) -> int:
+        if self.failed:
+            raise RuntimeError(f"{self.url}: write after a failed write")
+        view = memoryview(data).cast("B")
+        n = min(len(view), self.storage.block_size - len(self.part))
+        self.part += view[:n]
+        if len(self.part) >= self.storage.block_size:
+            try:
+                self.send()
+            except BaseException:
+                self.failed = True
+                raise
+        return n
+
+    def send(self) -> None:
+        """Upload the filled part, after waiting for the oldest in flight if ``concurrency`` are."""
+        if self.upload_id is None:
+            self.upload_id = self.wait(self.call("create_multipart_upload"))["UploadId"]
+        while len(self.inflight) >= self.storage.concurrency:
+            self.collect()
+        number = len(self.parts) + len(self.inflight) + 1
+        body, self.part = self.part, bytearray()  # handed over whole: the next part fills a new buffer
+        self.inflight.append((number, self.call("upload_part", PartNumber=number, UploadId=self.upload_id, Body=body)))
+
+    def collect(self) -> None:
+        number, got = self.inflight.popleft()
+        out = self.wait(got)
+        self.parts.append(
+            {"PartNumber": number, "ETag": out["ETag"], **{k: v for k, v in out.items() if k == "ChecksumSHA256"}}
+        )
+
+    def close(self) -> None:
+        if self.failed:
+            self.discard()
+            return
+        try:
+            if self.upload_id is None:  # smaller than a part: one PUT
+                self.wait(self.call("put_object", Body=bytes(self.part), **self.match))
+            else:
+                if self.part:
+                    self.send()
+                while self.inflight:
+                    self.collect()
+                self.wait(
+                    self.call(
+                        "complete_multipart_upload",
+                        UploadId=self.upload_id,
+                        MultipartUpload={"Parts": self.parts},
+                        **self.match,
+                    )
+                )
+                self.upload_id = None
+        except FileExistsError:  # create-only: another writer's object arrived first
+            self.discard()
+            self.lost = True
+            raise CheckpointExistsError(
+                f"{self.url}: another writer committed this step first; its checkpoint is left as it is "
+                "(writers must not save the same step of one root concurrently)",
+                file=self.url,
+            ) from None
+        except BaseException:
+            self.discard()
+            raise
+        finally:
+            self.part = bytearray()
+
+    def discard(self) -> None:
+        """Abort the upload once no part of it is in flight (a part landing after the abort would be kept)."""
+        self.failed = True
+        self.part = bytearray()
+        concurrent.futures.wait([got for _, got in self.inflight])
+        self.inflight.clear()
+        if self.upload_id is not None:
+            with contextlib.suppress(OSError, *_foreign(self.storage.scheme)):
+                self.wait(self.call("abort_multipart_upload", UploadId=self.upload_id))
+            self.upload_id = None
+
+
 class FsspecDir:
     """A checkpoint directory as listed when opened; each file opened is checked to exist still."""
 
@@ -454,12 +736,26 @@ class FsspecDir:
         self.objects = {}
 
 
+@dataclasses.dataclass(frozen=True)
+class FsspecJoined:
+    """Objects written into another writer's step directory (its manifest, written last, commits them)."""
+
+    root: FsspecStorage
+    dir: str
+
+    def create(self, name: str) -> S3Writer | FsspecWriter:
+        return self.root.writer(f"{self.dir}/{name}")
+
+    def sync(self, name: str) -> None:
+        pass  # an object is durable once its writer's close() returned
+
+
 class FsspecStaging:
     """The step directory itself, marked by a ``.pending-`` object until the manifest has arrived (§11.2)."""
 
     def __init__(self, root: FsspecStorage, name: str, *, overwrite: bool) -> None:
         self.root, self.name, self.done = root, name, False
-        self.manifest: FsspecWriter | None = None
+        self.manifest: S3Writer | FsspecWriter | None = None
         url = root.url(name)
         if overwrite:
             raise CheckpointInputError(
@@ -491,13 +787,17 @@ class FsspecStaging:
                 root.delete(self.marker)
             raise
 
-    def create(self, name: str) -> FsspecWriter:
+    @property
+    def area(self) -> str:
+        return self.name
+
+    def create(self, name: str) -> S3Writer | FsspecWriter:
         if self.done:
             raise RuntimeError("this staging area was already committed or aborted")
         if name != names.MANIFEST:
-            return FsspecWriter(self.root, f"{self.dir}/{name}")
-        self.manifest = FsspecWriter(
-            self.root, f"{self.dir}/{name}", create_only=self.root.create_only and self.root.scheme in CREATE_ONLY
+            return self.root.writer(f"{self.dir}/{name}")
+        self.manifest = self.root.writer(
+            f"{self.dir}/{name}", create_only=self.root.create_only and self.root.scheme in CREATE_ONLY
         )
         return self.manifest
 
