@@ -40,7 +40,10 @@ DEFAULTS: dict[str, Any] = {
     "lazy_size_mib": 1024.0,
     "async_size_mib": 256.0,
     "s3_size_mib": 512.0,
+    "dcp_size_mib": 512.0,
     "reps": 5,
+    "fresh_runs": 10,
+    "io_threads": "1,2,4",
     "launcher": "subprocess",
 }
 QUICK: dict[str, Any] = {
@@ -52,7 +55,10 @@ QUICK: dict[str, Any] = {
     "lazy_size_mib": 16.0,
     "async_size_mib": 16.0,
     "s3_size_mib": 8.0,
+    "dcp_size_mib": 16.0,
     "reps": 3,
+    "fresh_runs": 2,
+    "io_threads": "1,2",
     "launcher": "forkserver",
 }
 # Cases per group of states, in the order they run: each raw limit right before what is compared with it.
@@ -79,6 +85,17 @@ SMALL = [
     "lazy",
 ]
 SCALING = ["save.raw_fsync", "save.ours", "load.raw", "load.ours"]
+# Parallel I/O: these cases again with PORTABLE_CKPT_IO_THREADS=N, on the full state (two large files)
+IO_SERIES = ["save.ours", "load.ours"]
+# Fresh-process pairs (case, timed alternately against, state): each run is a new process that times the
+# two once, without warm-up (its first save or load), AB in even runs and BA in odd ones; the ratios of
+# the runs give the median and the 90th percentile (tails, and first-call costs that a warm-up hides).
+FRESH = [
+    ("save.ours", "save.raw_fsync", "model"),
+    ("save.ours", "save.raw_fsync", "full"),
+    ("load.ours", "load.ours_noverify", "model"),
+    ("load.ours", "load.ours_noverify", "full"),
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,10 +103,17 @@ class Job:
     case: str
     state: str  # the state's name in the report
     spec: StateSpec
+    io_threads: int = 0  # PORTABLE_CKPT_IO_THREADS for the case (0: the library's default)
+    against: str | None = None  # fresh pairs: the case timed alternately with this one
+    fresh: int | None = None  # fresh pairs: the run's number (its parity gives the order)
 
     @property
     def id(self) -> str:
-        return f"{self.case}:{self.state}"
+        return f"{self.case}:{self.state}" + (f"#{self.fresh}" if self.fresh is not None else "")
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {"PORTABLE_CKPT_IO_THREADS": str(self.io_threads)} if self.io_threads else {}
 
 
 def plan(args: argparse.Namespace) -> tuple[list[Job], dict[str, str]]:
@@ -105,6 +129,7 @@ def plan(args: argparse.Namespace) -> tuple[list[Job], dict[str, str]]:
         **{f"scale-{s:g}": StateSpec("model", s, args.tensors) for s in args.scaling},
         "lazy": StateSpec("model", args.lazy_size_mib, args.tensors),
         "async": StateSpec("full", args.async_size_mib, args.tensors),
+        **{f"io-{n}": StateSpec("full", args.size_mib, args.tensors) for n in args.io_threads},
     }
     described = {
         "model": f"{args.tensors} fp32 tensors, {args.size_mib:g} MiB, no optimizer",
@@ -117,6 +142,8 @@ def plan(args: argparse.Namespace) -> tuple[list[Job], dict[str, str]]:
         "async": f"full state of a {args.async_size_mib:g} MiB model (AdamW: {3 * args.async_size_mib:g} MiB per "
         "checkpoint); step = 8 matmuls + a full AdamW update; a save every K steps, K chosen so that "
         "saves are twice a blocking save's duration apart",
+        "io-*": f"the full state with PORTABLE_CKPT_IO_THREADS={','.join(map(str, args.io_threads))} "
+        "(files, and pieces of model.safetensors on load, on that many threads)",
     }
     groups = [
         ("model", SAVES + LOADS),
@@ -131,6 +158,12 @@ def plan(args: argparse.Namespace) -> tuple[list[Job], dict[str, str]]:
         for state, cases in groups
         for case in cases
         if states[state].kind in CASES[case].kinds
+    ]
+    jobs += [Job(case, f"io-{n}", states[f"io-{n}"], io_threads=n) for n in args.io_threads for case in IO_SERIES]
+    jobs += [
+        Job(case, state, states[state], against=against, fresh=k)
+        for case, against, state in FRESH
+        for k in range(args.fresh_runs)
     ]
     if args.only:
         jobs = [j for j in jobs if any(word in j.id for word in args.only)]
@@ -157,7 +190,10 @@ def _run_subprocess(job: Job, args: argparse.Namespace, workdir: Path) -> list[d
         str(args.threads),
         "--json",
     ]
-    proc = subprocess.run(cmd, cwd=HERE.parent, capture_output=True, text=True, timeout=args.case_timeout)
+    if job.against is not None:
+        cmd += ["--against", job.against, "--fresh", str(job.fresh)]
+    env = {**os.environ, **job.env}
+    proc = subprocess.run(cmd, cwd=HERE.parent, capture_output=True, text=True, timeout=args.case_timeout, env=env)
     if proc.returncode != 0:
         raise RuntimeError(proc.stderr or f"exit status {proc.returncode}")
     rows: list[dict[str, Any]] = json.loads(proc.stdout.strip().splitlines()[-1])["rows"]
@@ -168,7 +204,10 @@ def _run_forked(job: Job, args: argparse.Namespace, workdir: Path, ctx: Any) -> 
     from .cases import run_in_child
 
     receiver, sender = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=run_in_child, args=(sender, job.case, job.spec, args.reps, workdir, args.threads))
+    proc = ctx.Process(
+        target=run_in_child,
+        args=(sender, job.case, job.spec, args.reps, workdir, args.threads, job.env, job.against, job.fresh),
+    )
     proc.start()
     sender.close()
     try:
@@ -196,8 +235,22 @@ def _run_s3(args: argparse.Namespace, failures: list[dict[str, str]]) -> dict[st
         if args.s3 == "on":
             failures.append({"id": "s3", "error": "moto[server] and s3fs are not installed"})
         return {"skipped": "moto[server] and s3fs are not installed (pip install 'moto[server]' s3fs)"}
-    print("[s3] save/load/lazy against raw s3fs ...", end="", file=sys.stderr, flush=True)
-    cmd = [sys.executable, "-m", "benchmarks.s3", "--size-mib", str(args.s3_size_mib), "--reps", str(args.reps)]
+    return _section(args, failures, "s3", "save/load/lazy against raw s3fs", str(args.s3_size_mib))
+
+
+def _run_dcp(args: argparse.Namespace, failures: list[dict[str, str]]) -> dict[str, Any] | None:
+    """The distributed section (benchmarks/dcp.py): two gloo ranks, ours against DCP's own storage."""
+    if args.dcp == "off" or (args.only and not any("dcp" in word for word in args.only)):
+        return None
+    return _section(args, failures, "dcp", "sharded save/load against DCP's FileSystemWriter", str(args.dcp_size_mib))
+
+
+def _section(
+    args: argparse.Namespace, failures: list[dict[str, str]], name: str, what: str, size_mib: str
+) -> dict[str, Any] | None:
+    """``python -m benchmarks.<name> --size-mib N --reps R --json`` in a process of its own; its JSON object."""
+    print(f"[{name}] {what} ...", end="", file=sys.stderr, flush=True)
+    cmd = [sys.executable, "-m", f"benchmarks.{name}", "--size-mib", size_mib, "--reps", str(args.reps)]
     try:
         proc = subprocess.run(
             [*cmd, "--json"], cwd=HERE.parent, capture_output=True, text=True, timeout=args.case_timeout
@@ -206,7 +259,7 @@ def _run_s3(args: argparse.Namespace, failures: list[dict[str, str]]) -> dict[st
             raise RuntimeError(proc.stderr[-2000:] or f"exit status {proc.returncode}")
         section: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
     except (RuntimeError, subprocess.TimeoutExpired, json.JSONDecodeError, IndexError) as e:
-        failures.append({"id": "s3", "error": str(e) or type(e).__name__})
+        failures.append({"id": name, "error": str(e) or type(e).__name__})
         print(" FAILED", file=sys.stderr)
         return None
     print(" done", file=sys.stderr)
@@ -254,7 +307,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="the s3 section (a local moto server): auto runs it where moto[server] and s3fs are importable",
     )
     p.add_argument("--s3-size-mib", type=float, help="bytes of the s3 section's checkpoint (default 512)")
+    p.add_argument(
+        "--dcp",
+        choices=["on", "off"],
+        default="on",
+        help="the distributed section: 2 gloo ranks, our sharded save/load against DCP's FileSystemWriter/Reader",
+    )
+    p.add_argument("--dcp-size-mib", type=float, help="state of the distributed section over 2 ranks (default 512)")
     p.add_argument("--reps", type=int, help="timed repetitions per case, after one warm-up (default 5)")
+    p.add_argument("--fresh-runs", type=int, help="fresh processes per fresh-process pair (default 10; 0: none)")
+    p.add_argument("--io-threads", help="PORTABLE_CKPT_IO_THREADS values of the parallel I/O series (default 1,2,4)")
     p.add_argument(
         "--launcher",
         choices=["subprocess", "forkserver"],
@@ -292,6 +354,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.scaling = [float(s) for s in str(args.scaling).split(",") if s.strip()]
     except ValueError:
         p.error(f"--scaling takes comma-separated sizes in MiB, found {args.scaling!r}")
+    try:
+        args.io_threads = [int(s) for s in str(args.io_threads).split(",") if s.strip()]
+    except ValueError:
+        p.error(f"--io-threads takes comma-separated thread counts, found {args.io_threads!r}")
     if args.reps < 1 or args.size_mib <= 0 or args.tensors < 2 or args.small_tensors < 16:
         p.error("need --reps >= 1, --size-mib > 0, --tensors >= 2, --small-tensors >= 16")
     return args
@@ -309,6 +375,7 @@ def main(argv: list[str] | None = None) -> int:
         ctx.set_forkserver_preload(["benchmarks.cases", "torch._dynamo"])  # AdamW.step imports it: 1.5 s
     workdir = Path(tempfile.mkdtemp(prefix="portable-ckpt-bench-", dir=args.workdir))
     rows: list[dict[str, Any]] = []
+    fresh_rows: list[dict[str, Any]] = []
     failures: list[dict[str, str]] = []
     started = time.perf_counter()
     try:
@@ -319,6 +386,9 @@ def main(argv: list[str] | None = None) -> int:
                 got = _run_forked(job, args, workdir, ctx) if ctx else _run_subprocess(job, args, workdir)
             except (RuntimeError, TimeoutError, subprocess.TimeoutExpired, json.JSONDecodeError) as e:
                 failures.append({"id": job.id, "error": str(e) or type(e).__name__})
+                print(f" FAILED ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
+                if job.fresh is not None:
+                    continue  # a fresh pair reports the runs that worked
                 rows.append(
                     {
                         "case": job.case,
@@ -330,16 +400,18 @@ def main(argv: list[str] | None = None) -> int:
                         "extra": {"error": True},
                     }
                 )
-                print(f" FAILED ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
                 continue
             for row in got:
                 row["state"], row["job"] = job.state, job.id
-            rows.extend(got)
+                if job.fresh is not None:
+                    row["fresh"] = job.fresh
+            (fresh_rows if job.fresh is not None else rows).extend(got)
             med = sorted(got[0]["samples"])[len(got[0]["samples"]) // 2]
             print(f" {med:.4f} s median ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     s3_section = _run_s3(args, failures)
+    dcp_section = _run_dcp(args, failures)
     rows = report.summarize(rows)
     now = dt.datetime.now(dt.timezone.utc)
     wall_s = time.perf_counter() - started
@@ -356,11 +428,14 @@ def main(argv: list[str] | None = None) -> int:
             "wall_s": wall_s,
         },
         "rows": rows,
-        "targets": report.targets(rows),
+        "fresh": report.fresh_pairs(fresh_rows),
         "failures": failures,
     }
+    result["targets"] = report.targets(rows) + report.fresh_targets(result["fresh"])
     if s3_section is not None:
         result["s3"] = s3_section
+    if dcp_section is not None:
+        result["dcp"] = dcp_section
     stem = now.strftime("%Y%m%d-%H%M%S") + ("-quick" if args.quick else "")
     json_path, md_path = report.write(result, args.out, stem)
     print(f"wrote {json_path} and {md_path} ({wall_s:.0f} s)", file=sys.stderr)

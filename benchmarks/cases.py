@@ -92,17 +92,19 @@ class Arm:
     check: Callable[[Any, Any], None]
 
 
-def repeat(reps: int, arms: list[Arm]) -> list[tuple[list[float], list[int]]]:
+def repeat(reps: int, arms: list[Arm], fresh: int | None = None) -> list[tuple[list[float], list[int]]]:
     """One warm-up round, then ``reps`` timed rounds; each round runs every arm once.
 
     The order alternates (AB, BA, ...) so that the drift of a shared machine falls on every arm
     alike: a contender and its paired raw limit are measured side by side. Returns (seconds, peak
-    RSS increase) per arm.
+    RSS increase) per arm. ``fresh``: one timed round and no warm-up (the first call of a fresh
+    process), in the order AB for an even ``fresh``, BA for an odd one.
     """
     results: list[tuple[list[float], list[int]]] = [([], []) for _ in arms]
     gc.collect()
     base = _reset_peak()  # the process with its state built: what every repetition's peak is compared with
-    for i in range(reps + 1):
+    rounds = range(reps + 1) if fresh is None else [1 + fresh % 2]
+    for i in rounds:
         for k in range(len(arms)) if i % 2 == 0 else reversed(range(len(arms))):
             arm = arms[k]
             arg = arm.setup(i)
@@ -349,13 +351,15 @@ def _row(case: str, nbytes: int, samples: list[float], rss: list[int], **extra: 
     return {"case": case, "bytes": nbytes, "samples": samples, "rss_increase": rss, "extra": extra}
 
 
-def _paired(row: dict[str, Any], case: Case, results: list[tuple[list[float], list[int]]]) -> dict[str, Any]:
-    if case.baseline is not None:
-        row["paired_case"], row["paired_samples"] = case.baseline, results[1][0]
+def _paired(row: dict[str, Any], baseline: str | None, results: list[tuple[list[float], list[int]]]) -> dict[str, Any]:
+    if baseline is not None:
+        row["paired_case"], row["paired_samples"] = baseline, results[1][0]
     return row
 
 
-def _save_case(case: Case, spec: StateSpec, reps: int, work: Path) -> list[dict[str, Any]]:
+def _save_case(
+    case: Case, spec: StateSpec, reps: int, work: Path, against: str | None = None, fresh: int | None = None
+) -> list[dict[str, Any]]:
     model, optimizer = build(spec)
     sizes: dict[str, list[int]] = {}
 
@@ -375,15 +379,19 @@ def _save_case(case: Case, spec: StateSpec, reps: int, work: Path) -> list[dict[
 
         return Arm(setup, lambda out: save(model, optimizer, out), check)
 
-    arms = [arm(case)] + ([arm(CASES[case.baseline])] if case.baseline else [])
+    baseline = against or case.baseline
+    arms = [arm(case)] + ([arm(CASES[baseline])] if baseline else [])
     _sync()
-    results = repeat(reps, arms)
+    results = repeat(reps, arms, fresh)
     state_bytes = sum(t.nbytes for _, t in flat_tensors(model, optimizer))
-    return [_paired(_row("", sizes[case.label][-1], *results[0], state_bytes=state_bytes), case, results)]
+    return [_paired(_row("", sizes[case.label][-1], *results[0], state_bytes=state_bytes), baseline, results)]
 
 
-def _load_case(case: Case, spec: StateSpec, reps: int, work: Path) -> list[dict[str, Any]]:
-    cases = [case] + ([CASES[case.baseline]] if case.baseline else [])
+def _load_case(
+    case: Case, spec: StateSpec, reps: int, work: Path, against: str | None = None, fresh: int | None = None
+) -> list[dict[str, Any]]:
+    baseline = against or case.baseline
+    cases = [case] + ([CASES[baseline]] if baseline else [])
     source, source_opt = build(spec)
     expected = digest(flat_tensors(source, source_opt))
     sources: dict[str, Path] = {}
@@ -418,8 +426,8 @@ def _load_case(case: Case, spec: StateSpec, reps: int, work: Path) -> list[dict[
 
         return Arm(setup, body, check)
 
-    results = repeat(reps, [arm(c) for c in cases])
-    return [_paired(_row("", size, *results[0]), case, results)]
+    results = repeat(reps, [arm(c) for c in cases], fresh)
+    return [_paired(_row("", size, *results[0]), baseline, results)]
 
 
 def _header_range(path: Path, name: str) -> tuple[int, int]:
@@ -429,7 +437,7 @@ def _header_range(path: Path, name: str) -> tuple[int, int]:
     return 8 + n + entry["data_offsets"][0], 8 + n + entry["data_offsets"][1]
 
 
-def _lazy_case(case: Case, spec: StateSpec, reps: int, work: Path) -> list[dict[str, Any]]:
+def _lazy_case(case: Case, spec: StateSpec, reps: int, work: Path, **_: Any) -> list[dict[str, Any]]:
     model, _ = build(spec)
     path = save_checkpoint(model, None, {}, None, 0, work)
     state = model.state_dict()
@@ -488,7 +496,7 @@ def _lazy_case(case: Case, spec: StateSpec, reps: int, work: Path) -> list[dict[
     ]
 
 
-def _async_case(case: Case, spec: StateSpec, reps: int, work: Path) -> list[dict[str, Any]]:
+def _async_case(case: Case, spec: StateSpec, reps: int, work: Path, **_: Any) -> list[dict[str, Any]]:
     model, optimizer = build(spec)
     if optimizer is None:
         raise ValueError("the async case needs a state with an optimizer (--state full)")
@@ -579,10 +587,20 @@ def _async_case(case: Case, spec: StateSpec, reps: int, work: Path) -> list[dict
 _RUNNERS = {"save": _save_case, "load": _load_case, "lazy": _lazy_case, "async": _async_case}
 
 
-def run(case_name: str, spec: StateSpec, reps: int, workdir: Path, threads: int = 0) -> list[dict[str, Any]]:
+def run(
+    case_name: str,
+    spec: StateSpec,
+    reps: int,
+    workdir: Path,
+    threads: int = 0,
+    *,
+    against: str | None = None,
+    fresh: int | None = None,
+) -> list[dict[str, Any]]:
     """Run one case; returns its rows (``case`` is filled in with the case's name where empty).
 
-    ``threads``: torch intra-op threads for the case (0 leaves torch's default).
+    ``threads``: torch intra-op threads for the case (0 leaves torch's default). ``against``: the case
+    timed alternately with it instead of its raw limit. ``fresh``: one timed round, no warm-up (``repeat``).
     """
     case = CASES[case_name]
     if threads:
@@ -592,7 +610,7 @@ def run(case_name: str, spec: StateSpec, reps: int, workdir: Path, threads: int 
     gc.freeze()  # the imported modules' objects: keeps each untimed gc.collect() short
     work = Path(tempfile.mkdtemp(prefix=f"{case_name}-", dir=workdir))
     try:
-        rows = _RUNNERS[case.direction](case, spec, reps, work)
+        rows = _RUNNERS[case.direction](case, spec, reps, work, against=against, fresh=fresh)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     for row in rows:
@@ -600,10 +618,21 @@ def run(case_name: str, spec: StateSpec, reps: int, workdir: Path, threads: int 
     return rows
 
 
-def run_in_child(conn: Any, case_name: str, spec: StateSpec, reps: int, workdir: Path, threads: int) -> None:
+def run_in_child(
+    conn: Any,
+    case_name: str,
+    spec: StateSpec,
+    reps: int,
+    workdir: Path,
+    threads: int,
+    env: dict[str, str] | None = None,
+    against: str | None = None,
+    fresh: int | None = None,
+) -> None:
     """Entry point of a forked worker: send back ("ok", rows) or ("error", traceback)."""
     try:
-        conn.send(("ok", run(case_name, spec, reps, workdir, threads)))
+        os.environ.update(env or {})
+        conn.send(("ok", run(case_name, spec, reps, workdir, threads, against=against, fresh=fresh)))
     except BaseException:  # reported to the driver, which records the failure and goes on
         conn.send(("error", traceback.format_exc()))
     finally:
@@ -623,6 +652,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()))
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (default 0: torch's default)")
+    p.add_argument("--against", choices=sorted(CASES), help="time alternately with this case, not the raw limit")
+    p.add_argument("--fresh", type=int, help="one timed round without warm-up, in the order AB (even) or BA (odd)")
     p.add_argument("--json", action="store_true", help="print the rows as one JSON object")
     args = p.parse_args(argv)
     if args.state not in CASES[args.case].kinds:
@@ -633,7 +664,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     spec = StateSpec(args.state, args.size_mib, args.tensors)
-    rows = run(args.case, spec, args.reps, args.workdir, args.threads)
+    rows = run(args.case, spec, args.reps, args.workdir, args.threads, against=args.against, fresh=args.fresh)
     if args.json:
         print(json.dumps({"rows": rows}))
     else:

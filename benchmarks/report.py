@@ -134,12 +134,108 @@ def _lazy(by_id: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _per_byte(by_id: dict[str, dict[str, Any]], direction: str) -> dict[str, Any]:
-    name = f"many small tensors: per-byte {direction} cost ≤ 1.3× large tensors (same bytes)"
+    name = f"many small tensors: per-byte {direction} cost ≤ 2× large tensors (same bytes)"
     small, few = by_id.get(f"{direction}.ours:small"), by_id.get(f"{direction}.ours:few")
     if not small or not few or small.get("s_per_gib") is None or few.get("s_per_gib") is None:
-        return _target(name, None, None, "≤ 1.3×")
+        return _target(name, None, None, "≤ 2×")
     r = small["s_per_gib"] / few["s_per_gib"]
-    return _target(name, f"{r:.2f}× ({small['s_per_gib']:.2f} vs {few['s_per_gib']:.2f} s/GiB)", r <= 1.3, "≤ 1.3×")
+    figure = f"{r:.2f}× ({small['s_per_gib']:.2f} vs {few['s_per_gib']:.2f} s/GiB"
+    raw = "save.raw_fsync" if direction == "save" else "load.raw"
+    raw_small, raw_few = by_id.get(f"{raw}:small"), by_id.get(f"{raw}:few")
+    if raw_small and raw_few and raw_small.get("s_per_gib") and raw_few.get("s_per_gib"):
+        figure += f"; the raw limit itself: {raw_small['s_per_gib'] / raw_few['s_per_gib']:.2f}×"
+    return _target(name, figure + ")", r <= 2.0, "≤ 2×")
+
+
+def _io_series(by_id: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Save and load of the full state at each PORTABLE_CKPT_IO_THREADS value, as ratios to the paired raw limit."""
+    parts = []
+    for case in ("save.ours", "load.ours"):
+        points = sorted(
+            (int(k.split(":io-")[1]), r) for k, r in by_id.items() if k.startswith(f"{case}:io-") and r.get("ratio")
+        )
+        if points:
+            shown = ", ".join(f"{n} thr {r['median_s']:.3f} s ({r['ratio']:.2f}× raw)" for n, r in points)
+            parts.append(f"{CASES[case].label}: {shown}")
+    return _target("parallel I/O (full state): files and pieces on N threads", "; ".join(parts) or None, None, "(info)")
+
+
+# --- fresh-process pairs --------------------------------------------------------------------------
+
+
+def _p90(values: list[float]) -> float:
+    s = sorted(values)
+    return statistics.quantiles(s, n=10, method="inclusive")[8] if len(s) > 1 else s[0]
+
+
+def fresh_pairs(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One entry per fresh-process pair: each row is one process that timed the case and the case it is
+    paired with once each; the statistics are over the runs' ratios (and times)."""
+    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    for row in rows:
+        if row.get("samples") and row.get("paired_samples"):
+            groups.setdefault((row["case"], row["paired_case"], row["state"]), []).append(row)
+    out = []
+    for (case, against, state), runs in groups.items():
+        runs.sort(key=lambda r: r["fresh"])
+        ours = [r["samples"][0] for r in runs]
+        base = [r["paired_samples"][0] for r in runs]
+        ratios = [a / b for a, b in zip(ours, base, strict=True)]
+        out.append(
+            {
+                "id": f"{case}:{state}",
+                "case": case,
+                "against": against,
+                "state": state,
+                "runs": len(runs),
+                "samples": ours,
+                "paired_samples": base,
+                "ratios": ratios,
+                "median_s": statistics.median(ours),
+                "paired_median_s": statistics.median(base),
+                "ratio_median": statistics.median(ratios),
+                "ratio_p90": _p90(ratios),
+                "ratio_min": min(ratios),
+                "ratio_max": max(ratios),
+            }
+        )
+    return out
+
+
+# (case, against, state) -> target name, median limit, p90 limit
+FRESH_TARGETS: dict[tuple[str, str, str], tuple[str, float, float | None]] = {
+    ("save.ours", "save.raw_fsync", "model"): ("tails: save (model), fresh processes vs raw pwrite+fsync", 1.05, 1.15),
+    ("save.ours", "save.raw_fsync", "full"): (
+        "first save of a process with AdamW state (full) vs raw pwrite+fsync",
+        1.10,
+        None,
+    ),
+    ("load.ours", "load.ours_noverify", "model"): (
+        "verified load (model), fresh processes vs verify=False",
+        1.10,
+        1.25,
+    ),
+    ("load.ours", "load.ours_noverify", "full"): ("verified load (full), fresh processes vs verify=False", 1.10, 1.25),
+}
+
+
+def fresh_targets(pairs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    by_key = {(p["case"], p["against"], p["state"]): p for p in pairs}
+    out = []
+    for key, (name, med, p90) in FRESH_TARGETS.items():
+        limit = f"median ≤ {med}×" + (f", p90 ≤ {p90}×" if p90 else "")
+        p = by_key.get(key)
+        if p is None:
+            out.append(_target(name, None, None, limit))
+            continue
+        figure = (
+            f"median {p['ratio_median']:.2f}×, p90 {p['ratio_p90']:.2f}×, spread {p['ratio_min']:.2f}–"
+            f"{p['ratio_max']:.2f}× over {p['runs']} fresh processes "
+            f"({p['median_s']:.3f} s vs {p['paired_median_s']:.3f} s)"
+        )
+        passed = p["ratio_median"] <= med and (p90 is None or p["ratio_p90"] <= p90)
+        out.append(_target(name, figure, passed, limit))
+    return out
 
 
 def _scaling(rows: list[dict[str, Any]], case: str) -> dict[str, Any]:
@@ -180,6 +276,7 @@ def targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         out.append(ratio(f"load ({state}), verify=True ≤ 1.5× raw readinto", f"load.ours:{state}", 1.5))
     out += _lazy(by_id)
     out += [_per_byte(by_id, "save"), _per_byte(by_id, "load")]
+    out.append(_io_series(by_id))
     out += [_scaling(rows, "save.ours"), _scaling(rows, "load.ours")]
     out.append(ratio("async save: the call blocks ≤ 20% of a sync save", "async.call_async:async", 0.20))
     row = by_id.get("async.call_async:async")
@@ -241,6 +338,27 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _fresh_table(pairs: list[dict[str, Any]]) -> list[str]:
+    if not pairs:
+        return []
+    lines = [
+        "## Fresh-process pairs",
+        "",
+        "Each run is a new process that times the case and the case it is paired with once each, without "
+        "warm-up (AB in even runs, BA in odd ones); statistics over the runs' ratios.",
+        "",
+        "| case | vs | state | runs | median s | vs median s | ratio median | p90 | spread (min–max) |",
+        "|---|---|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for p in pairs:
+        lines.append(
+            f"| {CASES[p['case']].label} | {CASES[p['against']].label} | {p['state']} | {p['runs']} | "
+            f"{_fmt_s(p['median_s'])} | {_fmt_s(p['paired_median_s'])} | {p['ratio_median']:.2f}× | "
+            f"{p['ratio_p90']:.2f}× | {p['ratio_min']:.2f}–{p['ratio_max']:.2f}× |"
+        )
+    return [*lines, ""]
+
+
 def markdown(result: dict[str, Any]) -> str:
     meta = result["meta"]
     env = ", ".join(f"{k} {v}" for k, v in meta["environment"].items())
@@ -272,6 +390,7 @@ def markdown(result: dict[str, Any]) -> str:
         "must equal the source's). Peak RSS +MiB = the largest rise of VmHWM (reset before each repetition) over "
         "the process's RSS once its state was built.",
         "",
+        *_fresh_table(result.get("fresh", [])),
         "## Targets",
         "",
         targets_md,
@@ -284,6 +403,10 @@ def markdown(result: dict[str, Any]) -> str:
         from .s3 import markdown as s3_markdown
 
         parts += ["", s3_markdown(result["s3"]).rstrip("\n")]
+    if "dcp" in result:
+        from .dcp import render as dcp_markdown
+
+        parts += ["", "## distributed", "", "```", dcp_markdown(result["dcp"]), "```"]
     if failures:
         parts += ["", "## Failed cases", "", failures]
     return "\n".join(parts) + "\n"

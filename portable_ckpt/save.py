@@ -185,13 +185,19 @@ def snapshot(
 
 
 def _write_contents(staging: Staging, snap: Snapshot) -> dict[str, dict[str, Any]]:
-    """Write every file but the manifest. Each file is synced on a helper thread as soon as it is
-    written, so its writeback overlaps the serialization of the next; all syncs end before return."""
+    """Write every file but the manifest. Files are written on ``threads.io_threads()`` threads (the
+    model and the optimizer state at once, where there are cores for both), each synced on a helper
+    thread as soon as it is written, so its writeback overlaps the rest; all end before return."""
     files: dict[str, dict[str, Any]] = {}
-    with ThreadPoolExecutor(max_workers=4, thread_name_prefix="portable-ckpt-fsync") as syncer:
+    threads = _threads.io_threads()
+    with (
+        ThreadPoolExecutor(max_workers=4, thread_name_prefix="portable-ckpt-fsync") as syncer,
+        ThreadPoolExecutor(max_workers=threads, thread_name_prefix="portable-ckpt-write") as writer,
+    ):
         syncs = []
+        writes = []
 
-        def put(name: str, encode: Callable[[Any], tuple[int, str]]) -> None:
+        def write_one(name: str, encode: Callable[[Any], tuple[int, str]]) -> None:
             f = staging.create(name)
             try:
                 size, digest = encode(f)
@@ -200,6 +206,12 @@ def _write_contents(staging: Staging, snap: Snapshot) -> dict[str, dict[str, Any
             files[name] = {"size": size, "checksum": digest}
             syncs.append(_threads.submit(syncer, staging.sync, name))
 
+        def put(name: str, encode: Callable[[Any], tuple[int, str]]) -> None:
+            if threads > 1:
+                writes.append(_threads.submit(writer, write_one, name, encode))
+            else:
+                write_one(name, encode)
+
         tensor_checksums: dict[str, str] = {}
 
         def model(f: Any) -> tuple[int, str]:
@@ -207,10 +219,13 @@ def _write_contents(staging: Staging, snap: Snapshot) -> dict[str, dict[str, Any
             tensor_checksums.update(result.tensor_checksums)
             return result.size, result.checksum
 
-        put(names.MODEL, model)
-        files[names.MODEL]["tensors"] = tensor_checksums
+        # the largest files first, so that they start together
         for name, state in zip(names.PT_FILES, (snap.optimizer, snap.scheduler, snap.scaler), strict=True):
-            if state is not None:
+            if state is not None and name == names.OPTIMIZER:
+                put(name, functools.partial(_pt_file, state=state, what=name.removesuffix(".pt")))
+        put(names.MODEL, model)
+        for name, state in zip(names.PT_FILES, (snap.optimizer, snap.scheduler, snap.scaler), strict=True):
+            if state is not None and name != names.OPTIMIZER:
                 put(name, functools.partial(_pt_file, state=state, what=name.removesuffix(".pt")))
         docs: dict[str, Any] = {names.CONFIG: snap.config, names.VOCAB: snap.vocab}
         if snap.rng_doc is not None:
@@ -225,8 +240,11 @@ def _write_contents(staging: Staging, snap: Snapshot) -> dict[str, dict[str, Any
         for name, doc in docs.items():
             if doc is not None:
                 put(name, functools.partial(_json_file, data=_jsonio.dumps(doc)))
+        for done in writes:
+            done.result()  # re-raises a failed write
         for done in syncs:
             done.result()  # re-raises a failed sync
+        files[names.MODEL]["tensors"] = tensor_checksums
     return files
 
 
@@ -304,6 +322,9 @@ def save_checkpoint(
     directory is then renamed into place and ``latest`` replaced. Nothing is written when an
     argument is invalid (a NaN in ``config``, a negative step).
 
+    Under an initialized process group every rank calls it with its own (possibly sharded) model and
+    optimizer, and one sharded checkpoint is written (format_version 2; README "Distributed training").
+
     ``states`` maps names to objects whose ``state_dict()`` is saved too (a ``StatefulDataLoader``, a
     sampler, an EMA, a callback) and to ``torch.Generator`` objects (their state): pickle-free, in
     ``states.json`` and ``states.safetensors``; ``load_checkpoint(..., states=...)`` restores them.
@@ -311,7 +332,28 @@ def save_checkpoint(
     >>> save_checkpoint(model, optimizer, {"lr": 3e-4}, ["a", "b"], 100)  # doctest: +SKIP
     PosixPath('checkpoints/step-00000100')
     """
+    if distributed():  # every rank calls this: one sharded checkpoint through DCP (format_spec §20)
+        from portable_ckpt.dcp import collective
+
+        return collective.save(
+            model,  # type: ignore[arg-type]
+            optimizer,
+            config,
+            vocab,
+            step,
+            directory,
+            overwrite=overwrite,
+            extra=extra,
+            scheduler=scheduler,
+            scaler=scaler,
+            states=states,
+        )
     snap = snapshot(
         model, optimizer, config, vocab, step, scheduler=scheduler, scaler=scaler, extra=extra, states=states
     )
     return write(snap, directory, overwrite=overwrite)
+
+
+def distributed() -> bool:
+    """A default process group is initialized: saves and loads are collective."""
+    return torch.distributed.is_available() and torch.distributed.is_initialized()

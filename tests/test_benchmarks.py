@@ -19,6 +19,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.cases import CASES, EXTRA_ROWS  # noqa: E402
 
 REPS = 2
+FRESH_RUNS = 2  # --quick
 SIZE_MIB = 2
 TENSORS = 256
 
@@ -42,6 +43,8 @@ def result(tmp_path_factory) -> tuple[dict, Path]:
         "2",
         "--async-size-mib",
         "2",
+        "--dcp-size-mib",
+        "2",
         "--small-tensors",
         "200",
         "--reps",
@@ -52,7 +55,7 @@ def result(tmp_path_factory) -> tuple[dict, Path]:
         str(tmp),
         "--json",
     ]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert list(tmp.glob("portable-ckpt-bench-*")) == []  # the work folder is removed
     return json.loads(proc.stdout), out
@@ -138,10 +141,49 @@ def test_bytes_are_the_states(result):
 def test_targets_and_report_files(result):
     doc, out = result
     assert {t["status"] for t in doc["targets"]} <= {"PASS", "FAIL", "INFO"}
-    assert len([t for t in doc["targets"] if t["status"] == "INFO"]) == 3
+    assert len([t for t in doc["targets"] if t["status"] == "INFO"]) == 4
     (json_file,) = out.glob("*.json")
     (md_file,) = out.glob("*.md")
     assert json.loads(json_file.read_text()) == doc
     md = md_file.read_text()
     assert "| case | state | bytes | median s |" in md and "## Targets" in md
-    assert md.count("\n| ") == len(doc["rows"]) + 1  # a table line per row, after the header
+    # a table line per row after the header, and one per fresh-process pair after its own
+    assert md.count("\n| ") == len(doc["rows"]) + 1 + len(doc["fresh"]) + 1
+    assert "## Fresh-process pairs" in md
+
+
+@pytest.mark.slow
+def test_fresh_process_pairs_and_io_series(result):
+    doc, _ = result
+    pairs = {p["id"]: p for p in doc["fresh"]}
+    assert set(pairs) == {"save.ours:model", "save.ours:full", "load.ours:model", "load.ours:full"}
+    for p in pairs.values():
+        assert p["runs"] == FRESH_RUNS == len(p["samples"]) == len(p["paired_samples"]) == len(p["ratios"])
+        assert all(x > 0 for x in p["samples"] + p["paired_samples"])
+        assert p["ratios"] == [a / b for a, b in zip(p["samples"], p["paired_samples"], strict=True)]
+        assert p["ratio_min"] <= p["ratio_median"] <= p["ratio_p90"] <= p["ratio_max"]
+    assert pairs["save.ours:full"]["against"] == "save.raw_fsync"
+    assert pairs["load.ours:model"]["against"] == "load.ours_noverify"
+    fresh_targets = [t for t in doc["targets"] if "fresh processes" in t["figure"]]
+    assert len(fresh_targets) == 4 and {t["status"] for t in fresh_targets} <= {"PASS", "FAIL"}
+    rows = _by_id(doc)
+    for n in (1, 2):  # --quick: PORTABLE_CKPT_IO_THREADS=1,2
+        for case in ("save.ours", "load.ours"):
+            assert rows[f"{case}:io-{n}"]["bytes"] == rows[f"{case}:full"]["bytes"]
+
+
+def test_distributed_section(result):
+    """Two gloo ranks: our sharded save and loads against DCP's own storage, as ratios per repetition."""
+    doc, _ = result
+    section = doc["dcp"]
+    assert (section["world_size"], section["reps"], section["size_mib"]) == (2, REPS, 2.0)
+    for key in (
+        "save_vs_filesystem_writer",
+        "load_vs_filesystem_reader (2 -> 2)",
+        "reshard_load_vs_filesystem_reader (2 -> 1)",
+    ):
+        r = section[key]
+        assert 0 < r["min"] <= r["median"] <= r["max"], (key, r)
+        assert r["ours_s"] > 0 and r["theirs_s"] > 0, (key, r)
+    assert set(section["extra_peak_rss_fraction_of_shard"]) == {"save.ours", "save.dcp", "load.ours", "load.dcp"}
+    assert section["shard_mib"] > 0
