@@ -611,14 +611,14 @@ def invalid_tensor_table() -> None:
     )
 
 
-def invalid_version_2() -> None:
-    d = checkpoint("invalid-format-version-2")
-    edit_manifest(d, lambda m: m.update(format_version=2))
+def invalid_version_3() -> None:
+    d = checkpoint("invalid-format-version-3")
+    edit_manifest(d, lambda m: m.update(format_version=3))
     record(
-        "invalid-format-version-2",
-        "format_version 2 (re-sealed)",
+        "invalid-format-version-3",
+        "format_version 3 (re-sealed)",
         error="UnsupportedFormatVersionError",
-        message="format_version 2 is newer",
+        message="format_version 3 is newer",
     )
 
 
@@ -1193,6 +1193,201 @@ def invalid_rng_tensors_without_json() -> None:
     )
 
 
+# --------------------------------------------------------------------------------------------------
+# sharded vectors (format_version 2, §20): written by two gloo ranks through the library's DCP writer
+# --------------------------------------------------------------------------------------------------
+
+SHARDED_STEP = 9
+
+
+def _sharded_rank(rank: int, world: int, port: int, root: str) -> None:
+    import datetime
+
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
+    try:
+        model, _ = trained(None, tied=False)  # the same weights on every rank (seed 0)
+        fully_shard(model.lin)
+        fully_shard(model)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        g = torch.Generator().manual_seed(1)
+        for _ in range(2):
+            ids = torch.randint(0, 8, (2, 3), generator=g)
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(ids).flatten(0, 1), ids.flatten()).backward()
+            opt.step()
+        seed(1234 + rank)  # each rank's RNG state differs: one rng file per rank
+        _save.save_checkpoint(
+            model, opt, {"dim": 4, "lr": 0.01, "name": "tiny"}, ["<pad>", "a", "b", "c"], SHARDED_STEP, root
+        )
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def valid_sharded() -> None:
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_sharded_rank, args=(2, _free_port(), tmp), nprocs=2, join=True)
+        path = Path(tmp) / f"step-{SHARDED_STEP:08d}"
+        edit_manifest(path, lambda m: m.update(created_at=CREATED_AT))
+        shutil.move(str(path), VECTORS / "valid-sharded")
+    record(
+        "valid-sharded",
+        "format_version 2: a 2-rank FSDP2 save (TinyLM untied, AdamW): model-0000R-of-00002 and "
+        "optimizer-0000R-of-00002 shard files, sharding.json, one RNG file pair per rank",
+        step=SHARDED_STEP,
+    )
+
+
+def _sharded(name: str) -> Path:
+    """A copy of valid-sharded without its RNG files (they are large and these vectors test other parts)."""
+    dst = VECTORS / name
+    shutil.copytree(VECTORS / "valid-sharded", dst)
+    for path in dst.glob("rng-*"):
+        path.unlink()
+
+    def drop(m: dict[str, Any]) -> None:
+        m["files"] = {n: e for n, e in m["files"].items() if not n.startswith("rng-")}
+        m["rng"] = []
+
+    edit_manifest(dst, drop)
+    return dst
+
+
+def _edit_sharding(d: Path, change: Callable[[dict[str, Any]], None]) -> None:
+    doc = json.loads((d / "sharding.json").read_bytes())
+    change(doc)
+    (d / "sharding.json").write_bytes(_jsonio.dumps(doc))
+    reseal(d)
+
+
+def _split_entry(doc: dict[str, Any]) -> dict[str, Any]:
+    """The first entry sharded into two chunks (along dimension 0)."""
+    return next(e for _, e in sorted(doc["entries"].items()) if len(e.get("chunks", ())) == 2)
+
+
+def invalid_sharded_overlap() -> None:
+    d = _sharded("invalid-sharded-overlap")
+    _edit_sharding(d, lambda doc: _split_entry(doc)["chunks"][1].update(offsets=[0] * len(_split_entry(doc)["shape"])))
+    record(
+        "invalid-sharded-overlap",
+        "sharding.json: the second chunk of a tensor moved onto the first (re-sealed): chunks overlap",
+        error=CORRUPTED,
+        message="overlap",
+    )
+
+
+def invalid_sharded_gap() -> None:
+    d = _sharded("invalid-sharded-gap")
+    _edit_sharding(d, lambda doc: _split_entry(doc)["chunks"].pop())
+    record(
+        "invalid-sharded-gap",
+        "sharding.json: one chunk of a sharded tensor removed from the table (re-sealed): a region is missing",
+        error=CORRUPTED,
+        message="a chunk is missing",
+    )
+
+
+def invalid_sharded_beyond() -> None:
+    def change(doc: dict[str, Any]) -> None:
+        chunk = _split_entry(doc)["chunks"][1]
+        chunk["offsets"] = [chunk["offsets"][0] + 1, *chunk["offsets"][1:]]
+
+    d = _sharded("invalid-sharded-beyond")
+    _edit_sharding(d, change)
+    record(
+        "invalid-sharded-beyond",
+        "sharding.json: a chunk's offset moved so that it ends beyond the tensor's shape (re-sealed)",
+        error=CORRUPTED,
+        message="beyond its size",
+    )
+
+
+def invalid_sharded_unlisted_file() -> None:
+    d = _sharded("invalid-sharded-unlisted-file")
+    _edit_sharding(d, lambda doc: _split_entry(doc)["chunks"][0].update(file="model-00007-of-00002.safetensors"))
+    record(
+        "invalid-sharded-unlisted-file",
+        "sharding.json: a chunk names a shard file the manifest does not list (re-sealed)",
+        error=CORRUPTED,
+        message="not listed in the manifest",
+    )
+
+
+def invalid_sharded_dtype() -> None:
+    d = _sharded("invalid-sharded-dtype")
+    _edit_sharding(d, lambda doc: _split_entry(doc).update(dtype="F16"))
+    record(
+        "invalid-sharded-dtype",
+        "sharding.json: a tensor's dtype says F16 while its chunks are stored as F32 (re-sealed)",
+        error=CORRUPTED,
+        message="but sharding.json says",
+    )
+
+
+def invalid_sharded_value_tensor() -> None:
+    def change(doc: dict[str, Any]) -> None:
+        entry = next(e for _, e in sorted(doc["entries"].items()) if "value" in e)
+        entry["value"] = {"$tensor": "x"}
+
+    d = _sharded("invalid-sharded-value-tensor")
+    _edit_sharding(d, change)
+    record(
+        "invalid-sharded-value-tensor",
+        "sharding.json: a non-tensor value refers to a tensor ($tensor), which values cannot (re-sealed)",
+        error=CORRUPTED,
+        message="is not in",
+    )
+
+
+def invalid_sharded_missing_shard() -> None:
+    d = _sharded("invalid-sharded-missing-shard")
+    (d / "model-00001-of-00002.safetensors").unlink()
+    record(
+        "invalid-sharded-missing-shard",
+        "model-00001-of-00002.safetensors, listed in the manifest and named by chunks, is missing",
+        error="CheckpointNotFoundError",
+        message="listed in the manifest but missing",
+    )
+
+
+def invalid_sharded_flipped_chunk_byte() -> None:
+    d = _sharded("invalid-sharded-flipped-chunk-byte")
+    data = (d / "model-00001-of-00002.safetensors").read_bytes()
+    _, begin, _ = sorted(header_entries(data), key=lambda e: e[1])[0]
+    flip(d / "model-00001-of-00002.safetensors", begin)
+    record(
+        "invalid-sharded-flipped-chunk-byte",
+        "one bit of a chunk's data in model-00001-of-00002.safetensors flipped (not re-sealed)",
+        error=CORRUPTED,
+        message="checksum mismatch",
+    )
+
+
+def invalid_sharded_tensor_list() -> None:
+    d = _sharded("invalid-sharded-tensor-list")
+    edit_manifest(d, lambda m: m["files"]["optimizer-00000-of-00002.safetensors"].pop("tensors"))
+    record(
+        "invalid-sharded-tensor-list",
+        "the manifest's entry of a shard file has no per-tensor checksum list (re-sealed): shard files need one",
+        error=CORRUPTED,
+        message="per-tensor checksum list",
+    )
+
+
 GENERATORS: list[Callable[[], None]] = [
     valid_full,
     valid_tied,
@@ -1216,7 +1411,7 @@ GENERATORS: list[Callable[[], None]] = [
     invalid_header_too_large,
     invalid_duplicate_header_key,
     invalid_tensor_table,
-    invalid_version_2,
+    invalid_version_3,
     invalid_quantized_without_metadata,
     valid_symlinked_file,
     invalid_dangling_symlink,
@@ -1258,6 +1453,16 @@ GENERATORS: list[Callable[[], None]] = [
     invalid_rng_cpu_length,
     invalid_rng_manifest_list,
     invalid_rng_tensors_without_json,
+    valid_sharded,
+    invalid_sharded_overlap,
+    invalid_sharded_gap,
+    invalid_sharded_beyond,
+    invalid_sharded_unlisted_file,
+    invalid_sharded_dtype,
+    invalid_sharded_value_tensor,
+    invalid_sharded_missing_shard,
+    invalid_sharded_flipped_chunk_byte,
+    invalid_sharded_tensor_list,
 ]
 
 

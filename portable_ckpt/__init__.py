@@ -7,6 +7,9 @@
 Text rendering of inspect, validate, list and diff results is in ``portable_ckpt.report``.
 """
 
+from typing import Any as _Any
+
+from portable_ckpt.convert.consolidate import consolidate_checkpoint
 from portable_ckpt.convert.export import ExportEntry, ExportReport, export_checkpoint
 from portable_ckpt.convert.format0 import convert_format0
 from portable_ckpt.convert.importers import ImportEntry, ImportReport, import_checkpoint
@@ -73,6 +76,8 @@ __all__ = [
     "ImportEntry",
     "ImportReport",
     "Leftover",
+    "PortableStorageReader",
+    "PortableStorageWriter",
     "Problem",
     "QuantizationMetadataError",
     "SaveHandle",
@@ -83,6 +88,7 @@ __all__ = [
     "ValidationReport",
     "ValueChange",
     "__version__",
+    "consolidate_checkpoint",
     "convert_format0",
     "diff_checkpoints",
     "export_checkpoint",
@@ -97,3 +103,13 @@ __all__ = [
     "save_checkpoint",
     "validate_checkpoint",
 ]
+
+_LAZY = {"PortableStorageReader", "PortableStorageWriter"}  # torch.distributed.checkpoint: imported on first use
+
+
+def __getattr__(name: str) -> _Any:
+    if name in _LAZY:
+        from portable_ckpt import dcp
+
+        return getattr(dcp, name)
+    raise AttributeError(f"module 'portable_ckpt' has no attribute {name!r}")

@@ -17,6 +17,7 @@ from typing import Any, TextIO
 
 from portable_ckpt import (
     CheckpointError,
+    consolidate_checkpoint,
     convert_format0,
     diff_checkpoints,
     export_checkpoint,
@@ -55,12 +56,13 @@ COMMANDS = {
     "convert": ("a format-0 checkpoint to format 1", "portable-ckpt convert old-run/ checkpoints"),
     "import": ("a foreign checkpoint as format 1", "portable-ckpt import out/ckpt.pt checkpoints"),
     "export": ("a checkpoint as a Hugging Face folder", "portable-ckpt export checkpoints hf-model --to hf"),
+    "consolidate": ("a sharded checkpoint as one-process", "portable-ckpt consolidate dist-ckpts single"),
     "demo": ("train, SIGKILL, resume bit-identically", "portable-ckpt demo --quantize int8"),
 }
 
 EPILOG = (
     "commands (portable-ckpt COMMAND --help says what each prints):\n"
-    + "".join(f"  {name:10} {summary:40} {example}\n" for name, (summary, example) in COMMANDS.items())
+    + "".join(f"  {name:12} {summary:40} {example}\n" for name, (summary, example) in COMMANDS.items())
     + """
 exit status: 0 ok, 1 invalid or unreadable checkpoint, 2 usage error (diff: 0 identical, 1 different).
 Data goes to stdout, diagnostics to stderr (with progress, when it is a terminal); --traceback also
@@ -123,7 +125,9 @@ Import a checkpoint other code wrote, saved under the checkpoints root DST as DS
 is a torch.save state_dict (.pt, .pth, .bin), a nanoGPT training checkpoint (model, optimizer,
 iter_num, model_args, config), a PyTorch Lightning .ckpt, a bare .safetensors file, or a Hugging Face
 Trainer checkpoint-N/ folder (model.safetensors, sharded or not, or pytorch_model.bin; optimizer.pt,
-scheduler.pt, scaler.pt, rng_state.pth, trainer_state.json, config.json). Every pickle is read
+scheduler.pt, scaler.pt, rng_state.pth, trainer_state.json, config.json), or a compressed-tensors
+quantized folder (config.json with a quantization_config: pack-quantized int4/int8, naive-quantized
+int8), imported as a quantized checkpoint. Every pickle is read
 through the format's allowlist; a hostile one is refused and nothing of it runs (training_args.bin
 is never unpickled). Prints the new checkpoint's path, the source's kind, then each entry carried
 over and each one not carried over with the reason; with --json, one JSON object {"path", "kind",
@@ -144,6 +148,18 @@ then each tensor not written as stored and what was done to it; with --json, one
 
 exit status: 0 exported, 1 unreadable checkpoint, no architecture config, a refused export or an
 existing non-empty DST, 2 usage error"""
+
+CONSOLIDATE = """\
+Rewrite the sharded checkpoint SRC (format_version 2, written by save_checkpoint under a process
+group or by dcp.save with PortableStorageWriter; a directory, or a root's newest) as a one-process
+checkpoint (format 1) under the checkpoints root DST, as DST/step-NNNNNNNN: every global tensor
+reassembled from its chunks with each chunk's checksum verified, the optimizer state keyed by
+parameter index again, config, vocab, scheduler and scaler carried over, and of the per-rank parts
+rank 0's RNG state and states= objects (the manifest's extra "consolidated_from" records the source
+and its world size). Prints the new checkpoint's path.
+
+exit status: 0 consolidated, 1 unreadable, damaged or unsharded source or failed write (an existing
+step needs --overwrite), 2 usage error"""
 
 DEMO = """\
 Train the shipped reference model (a small character-level transformer) twice in child processes,
@@ -236,6 +252,12 @@ def cmd_export(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     return EXIT_OK
 
 
+def cmd_consolidate(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    path = consolidate_checkpoint(args.src, args.dst, overwrite=args.overwrite)
+    out.write(f"{escape(str(path))}\n")
+    return EXIT_OK
+
+
 def cmd_demo(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     from portable_ckpt.demo.demo import run_demo  # imports the trainer; only the demo needs it
 
@@ -299,6 +321,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--to", required=True, choices=["hf", "compressed-tensors"], help="the format to write")
     p.add_argument("--config", metavar="FILE", default=None, help="the architecture's config.json")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+
+    p = command("consolidate", CONSOLIDATE, cmd_consolidate)
+    p.add_argument("src", metavar="SRC", help="a sharded checkpoint directory or a checkpoints root")
+    p.add_argument("dst", metavar="DST", help="the checkpoints root to save into")
+    p.add_argument("--overwrite", action="store_true", help="replace the step if DST already has it")
 
     p = command("demo", DEMO, cmd_demo)
     p.add_argument("--dir", default="portable-ckpt-demo", help="where to write (default: ./portable-ckpt-demo)")

@@ -12,8 +12,10 @@ from portable_ckpt.errors import CheckpointError
 from portable_ckpt.files import CheckpointFiles, read_quantization
 from portable_ckpt.format import names
 from portable_ckpt.format import safetensors as _safetensors
+from portable_ckpt.format import sharding as _sharding
 from portable_ckpt.load import read_checkpoint
 from portable_ckpt.root import basename, committed_steps, display, resolve
+from portable_ckpt.sharded import RANK_KINDS, ShardedFiles, is_sharded
 from portable_ckpt.storage import Storage, storage_for
 from portable_ckpt.types import CheckpointInfo, CommittedStep, FileInfo, Problem, Progress, TensorInfo, ValidationReport
 
@@ -71,6 +73,9 @@ def _problems(path: str | os.PathLike[str] | Storage, progress: Progress | None)
     if problems:
         return problems
     try:  # then every structural check a load makes, on the verified files
+        if is_sharded(files.manifest):
+            with CheckpointFiles(directory, verify=True) as again, ShardedFiles(again) as sharded:
+                sharded.verify_all()  # every shard's header against the table, every chunk's checksum
         read_checkpoint(directory, verify=False)
     except CheckpointError as e:
         return [problem_from(e, directory.location)]
@@ -132,6 +137,8 @@ def _describe(directory: Storage) -> CheckpointInfo:
         )
     with CheckpointFiles(directory, verify=False) as files:
         manifest = files.manifest
+        if is_sharded(manifest):
+            return _describe_sharded(files)
         with files.opened(names.MODEL) as f:
             header, _ = files.read_header(f, names.MODEL)
         quant = None
@@ -154,6 +161,36 @@ def _describe(directory: Storage) -> CheckpointInfo:
         quantization=quant,
         unknown_files=tuple(sorted(set(manifest["files"]) - names.KNOWN_FILES)),
     )
+
+
+def _describe_sharded(files: CheckpointFiles) -> CheckpointInfo:
+    """A sharded checkpoint: its model's global tensors from sharding.json, how it was sharded."""
+    manifest = files.manifest
+    with ShardedFiles(files) as sharded:
+        table = sharded.table
+        model = table.tensors("model")
+        known = set(sharded.shard_files) | {_sharding.SHARDING, *names.KNOWN_FILES}
+        known |= {n for n in manifest["files"] if n.split("-", 1)[0] in RANK_KINDS}
+        return CheckpointInfo(
+            path=display(files.storage),
+            format_version=manifest["format_version"],
+            step=manifest["step"],
+            created_at=manifest["created_at"],
+            producer=manifest["producer"],
+            files=tuple(FileInfo(n, e["size"]) for n, e in sorted(manifest["files"].items())),
+            tensors=tuple(TensorInfo(n, e.dtype or "", e.shape) for n, e in sorted(model.items())),
+            aliases={},
+            rng=tuple(manifest.get("rng", [])),
+            quantization=None,
+            unknown_files=tuple(sorted(set(manifest["files"]) - known)),
+            sharding={
+                "world_size": table.world_size,
+                "mesh": table.mesh,
+                "shard_files": len(sharded.shard_files),
+                "chunks": sum(len(e.chunks) for e in table.entries.values()),
+                "optimizer_tensors": len(table.tensors("optimizer")),
+            },
+        )
 
 
 # the tensors that represent a quantized weight (adapters, biases and QAT master weights are extra)

@@ -89,8 +89,13 @@ class CheckpointManager:
         self.root = display(self.storage)
         self.keep_last = _count(keep_last, "keep_last")
         self.keep_every = _count(keep_every, "keep_every")
-        self.storage.make_root()
-        self.storage.clean()
+        self._group: Any = None  # under a process group: the group of background saves' collectives
+        self._distributed = _save.distributed()
+        if not self._distributed or torch.distributed.get_rank() == 0:
+            self.storage.make_root()
+            self.storage.clean()
+        if self._distributed:
+            torch.distributed.barrier()  # no rank saves before rank 0 has cleaned
         self._executor: ThreadPoolExecutor | None = None
         self._pending: SaveHandle | None = None
         self._lock = threading.Lock()
@@ -184,6 +189,10 @@ class CheckpointManager:
                 "saved steps must keep increasing. To continue from an earlier step (after restore(step=N)), "
                 "call drop_after(N) to delete the newer checkpoints, or save into a new root"
             )
+        if self._distributed:
+            return self._save_collective(
+                model, optimizer, config, vocab, step, scheduler, scaler, extra, states, blocking=blocking
+            )
         pool = None if blocking else self._staging
         snap = _save.snapshot(
             model,
@@ -207,8 +216,57 @@ class CheckpointManager:
             self._pending = SaveHandle(self._executor.submit(self._write, snap))
             return self._pending
 
-    def _write(self, snap: _save.Snapshot) -> Path | str:
-        path = _save.write(snap, self.storage)
+    def _save_collective(
+        self,
+        model: Any,
+        optimizer: torch.optim.Optimizer | None,
+        config: Any,
+        vocab: Any,
+        step: int,
+        scheduler: Stateful | None,
+        scaler: Stateful | None,
+        extra: Any,
+        states: Mapping[str, Any] | None,
+        *,
+        blocking: bool,
+    ) -> Path | str | SaveHandle:
+        """Every rank saves its shards (dcp/collective.py); rank 0 applies retention after the commit."""
+        from portable_ckpt.dcp import collective
+
+        if not blocking and self._group is None:
+            self._group = torch.distributed.new_group(backend="gloo")  # collective: every rank creates it
+        result = collective.save(
+            model,
+            optimizer,
+            config,
+            vocab,
+            step,
+            self.storage,
+            overwrite=False,
+            extra=extra,
+            scheduler=scheduler,
+            scaler=scaler,
+            states=states,
+            group=None if blocking else self._group,
+        )
+        if blocking:
+            return self._retained(result)
+        future: Future[Path | str] = Future()
+
+        def committed(f: Future[Path | str]) -> None:
+            try:
+                future.set_result(self._retained(f.result()))
+            except BaseException as e:
+                future.set_exception(e)
+
+        result.add_done_callback(committed)
+        with self._lock:
+            self._pending = SaveHandle(future)
+            return self._pending
+
+    def _retained(self, path: Path | str) -> Path | str:
+        if self._distributed and torch.distributed.get_rank() != 0:
+            return path
         try:
             self._retain()
         except OSError as e:
@@ -218,6 +276,9 @@ class CheckpointManager:
                 file=str(path),
             ) from e
         return path
+
+    def _write(self, snap: _save.Snapshot) -> Path | str:
+        return self._retained(_save.write(snap, self.storage))
 
     def wait(self) -> None:
         """Block until a pending background save has committed; re-raise its error if it failed."""

@@ -22,8 +22,10 @@ from portable_ckpt.errors import CheckpointCorruptedError, CheckpointInputError
 from portable_ckpt.files import CheckpointFiles, check_aliases, check_tensor_table
 from portable_ckpt.format import names
 from portable_ckpt.format import safetensors as _safetensors
+from portable_ckpt.format import sharding as _sharding
 from portable_ckpt.format.hashing import checksum
 from portable_ckpt.root import display, is_legacy, resolve
+from portable_ckpt.sharded import ShardedFiles, is_sharded
 from portable_ckpt.storage import ReadFile, Storage
 
 _CHUNK = 1 << 30  # a single read moves at most ~2 GiB on Linux
@@ -134,6 +136,55 @@ class CheckpointReader:
         return f"<CheckpointReader {self.path} step={self.step} tensors={len(self._entries)} {state}>"
 
 
+class ShardedCheckpointReader(CheckpointReader):
+    """A sharded checkpoint (format_version 2) opened for lazy reads: ``tensor(name)`` reassembles one
+    model tensor from its chunks, reading (and verifying) only their bytes."""
+
+    def __init__(self, path: Path | str, files: CheckpointFiles) -> None:
+        self.path = path
+        self.manifest = files.manifest
+        self._label = files.label(_sharding.SHARDING)
+        self._files: CheckpointFiles | None = files
+        self._sharded = ShardedFiles(files)
+        self._tensors = self._sharded.table.tensors("model")
+        self._aliases = {}
+
+    def keys(self) -> list[str]:
+        return sorted(self._tensors)
+
+    def _sharded_entry(self, name: str) -> _sharding.Entry:
+        entry = self._tensors.get(name)
+        if entry is None:
+            close = difflib.get_close_matches(name, self.keys(), n=3, cutoff=0.6)
+            hint = f"close names: {', '.join(repr(n) for n in close)}" if close else "no name is close"
+            raise CheckpointInputError(f"{self._label}: no model tensor named {name!r}; {hint}", file=self._label)
+        return entry
+
+    def info(self, name: str) -> tuple[str, tuple[int, ...]]:
+        entry = self._sharded_entry(name)
+        return entry.dtype or "", entry.shape
+
+    def tensor(self, name: str, *, verify: bool = True) -> torch.Tensor:
+        entry = self._sharded_entry(name)
+        if self._files is None:
+            raise CheckpointInputError(
+                f"{self._label}: this reader is closed; read tensors inside the `with open_checkpoint(...)` block",
+                file=self._label,
+            )
+        self._files.verify = verify
+        return self._sharded.full(entry)
+
+    def close(self) -> None:
+        if self._files is not None:
+            self._sharded.close()
+            self._files.close()
+            self._files = None
+
+    def __repr__(self) -> str:
+        state = "closed" if self._files is None else "open"
+        return f"<CheckpointReader {self.path} step={self.step} sharded tensors={len(self._tensors)} {state}>"
+
+
 def open_checkpoint(path: str | os.PathLike[str] | Storage) -> CheckpointReader:
     """Open a checkpoint directory, or a root's newest committed checkpoint, for lazy tensor reads.
 
@@ -151,7 +202,14 @@ def open_checkpoint(path: str | os.PathLike[str] | Storage) -> CheckpointReader:
             "load it with load_checkpoint, or convert it with portable_ckpt.convert_format0",
             file=directory.location,
         )
-    with CheckpointFiles(directory, verify=True) as files:
+    files = CheckpointFiles(directory, verify=True)
+    if is_sharded(files.manifest):
+        try:
+            return ShardedCheckpointReader(display(directory), files)
+        except BaseException:
+            files.close()
+            raise
+    with files:
         manifest = files.manifest
         f = files.open(names.MODEL)  # checks kind and size; stays open after the directory is released
     try:

@@ -71,6 +71,13 @@ def render_info(info: CheckpointInfo) -> str:
         p = info.producer
         lines.append(f"created_at      {info.created_at}")
         lines.append(f"producer        {p['name']} {p['version']}, torch {p.get('torch', '?')}")
+    if info.sharding is not None:
+        sh = info.sharding
+        mesh = f", mesh {sh['mesh']['shape']}" if sh.get("mesh") else ""
+        lines.append(
+            f"sharded         saved by {sh['world_size']} rank(s){mesh}: {sh['shard_files']} shard files, "
+            f"{sh['chunks']} chunks; loads at any world size"
+        )
     lines.append("files")
     lines += [f"  {escape(f.name):32} {human_size(f.size):>12}" for f in info.files]
     lines.append(f"tensors ({len(info.tensors)})")

@@ -67,8 +67,10 @@ class CheckpointInfo:
     ``files`` and ``tensors`` are sorted by name; ``aliases`` maps each tied name to the stored one;
     ``rng`` names the random generators whose state the checkpoint carries; ``quantization`` is the
     manifest's quantization summary with ``quantized_bytes`` and ``float32_bytes`` added, or None;
-    ``unknown_files`` are listed files this version does not interpret. A format-0 checkpoint has no
-    manifest: ``created_at`` and ``producer`` are None and ``rng`` and ``unknown_files`` empty.
+    ``unknown_files`` are listed files this version does not interpret; ``sharding`` describes a
+    sharded checkpoint (``world_size``, ``mesh``, ``shard_files``, ``chunks``, ``optimizer_tensors``).
+    A format-0 checkpoint has no manifest: ``created_at`` and ``producer`` are None and ``rng`` and
+    ``unknown_files`` empty.
     """
 
     path: Path | str
@@ -84,6 +86,8 @@ class CheckpointInfo:
     unknown_files: tuple[str, ...]
     # given a root: its committed checkpoints by step (None when given a checkpoint directory)
     checkpoints: tuple[CommittedStep, ...] | None = None
+    # a sharded checkpoint (format_version 2): world_size and mesh at save, shard files, chunks; else None
+    sharding: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The JSON object ``portable-ckpt inspect --json`` prints."""
@@ -103,6 +107,8 @@ class CheckpointInfo:
                 "rng": list(self.rng),
                 "unknown_files": list(self.unknown_files),
             }
+        if self.sharding is not None:
+            doc["sharding"] = dict(self.sharding)
         if self.checkpoints is not None:  # given a root: which checkpoints it holds
             doc["checkpoints"] = [c.to_json() for c in self.checkpoints]
         return doc

@@ -1,4 +1,4 @@
-"""A minimal reader of format_version 1, written only from ``format_spec/`` (and its schemas).
+"""A minimal reader of format_versions 1 and 2, written only from ``format_spec/`` (and its schemas).
 
 It imports nothing from ``portable_ckpt``: it exists to show that the specification is enough to read a
 checkpoint, and to cross-check the reference implementation, down to the error class of every refusal
@@ -6,9 +6,21 @@ checkpoint, and to cross-check the reference implementation, down to the error c
 verifies the manifest checksum over the bytes it read (§10), every listed file's size and checksum (§13),
 parses model.safetensors (§5.5), checks every per-tensor checksum, the RNG files (§14), the quantization
 summary (§7), the JSON rules of every JSON text (§4), the restricted .pt encoding statically and then with
-``torch.load(weights_only=True)`` (§4), and returns the model state with aliases (§6). Out of scope: format
-0, and the module-by-module checks of quantization.md. ``manifest_bytes`` is §10's writer side, for
-comparing files byte for byte.
+``torch.load(weights_only=True)`` (§4), and returns the model state with aliases (§6).
+
+A sharded checkpoint (format_version 2, §20) is read whole, in one process: ``sharding.json`` against schema
+``sharding`` and every rule of §20.2 (chunk files listed, chunk bounds, no overlap, volumes that cover the
+tensor, one chunk per (file, key), no path conflicts), every shard file as a safetensors file whose tensors
+are exactly its manifest entry's ``tensors``, each chunk's stored dtype and shape and its per-tensor checksum,
+the values in the typed encoding of states.json without ``$tensor``, and each rank's ``rng-R-of-W`` pair as
+§14 says. ``load`` returns the model state (the ``"model"`` entries, named by ``path[1]``, reassembled as
+full tensors); ``load_sharded`` also gives every reassembled tensor and the nested state of §20.3, and
+``optimizer_state_dict`` numbers an optimizer's parameters as §20.3 describes.
+
+Out of scope: format 0, the module-by-module checks of quantization.md, and the user object states
+(``states.*``, ``states-R-of-W.*``), which are verified as listed files and otherwise not read. A reader at
+another number of ranks (§20.5) is out of scope too. ``manifest_bytes`` is §10's writer side, for comparing
+files byte for byte.
 """
 
 from __future__ import annotations
@@ -23,6 +35,7 @@ import re
 import stat
 import struct
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +55,7 @@ INT_RANGE = (-(2**63), 2**64)  # §4: every JSON integer, [low, high)
 LATEST_MAX = 4096  # §3.2
 LATEST_WHITESPACE = b" \t\n\r"  # §3.2: JSON whitespace, and only it, is stripped
 JSON_FILES = {"config.json", "vocab.json", "rng.json", "quantization_metadata.json"}
+MAX_VERSION = 2  # §15: the highest format_version this reader implements
 
 # §5.4: dtype -> (rank, torch dtype, bytes per element)
 DTYPES: dict[str, tuple[int, torch.dtype, int]] = {
@@ -313,8 +327,8 @@ def read_manifest(directory: Path) -> dict[str, Any]:
     if not isinstance(doc, dict):
         raise corrupted("manifest.json is not an object")
     version = doc.get("format_version")
-    if doc.get("format") == "portable-ckpt" and type(version) is int and version > 1:
-        raise SpecError("UnsupportedFormatVersionError", f"format_version {version} is newer than 1")
+    if doc.get("format") == "portable-ckpt" and type(version) is int and version > MAX_VERSION:
+        raise SpecError("UnsupportedFormatVersionError", f"format_version {version} is newer than {MAX_VERSION}")
     validate(doc, "manifest")
     trailer = TRAILER.search(data)
     if trailer is None:
@@ -461,7 +475,7 @@ def check_pt(data: bytes) -> None:
     try:
         for op, arg, pos in pickletools.genops(pickle_bytes):
             if op.name == "GLOBAL":
-                module, _, name = arg.partition(" ")
+                module, _, name = str(arg).partition(" ")
                 full = f"{'builtins' if module == '__builtin__' else module}.{name}"
                 if full not in PT_GLOBALS:
                     raise SpecError("CheckpointUnsafeError", f"unsafe: global {full}")
@@ -476,7 +490,7 @@ def check_pt(data: bytes) -> None:
             ):
                 raise corrupted("a persistent id that is not a tuple")
             before.append(op.name)
-            if op.name == "STOP":
+            if op.name == "STOP" and pos is not None:  # a bytes stream always has positions
                 end = pos + 1
     except ValueError as e:
         raise corrupted(f"data.pkl is not a pickle: {e}") from None
@@ -515,6 +529,28 @@ def load_pt(data: bytes) -> Any:
 # --------------------------------------------------------------------------------------------------
 
 
+def _check_rng_files(directory: Path, manifest: dict[str, Any], json_name: str, tensors_name: str) -> list[str]:
+    """§14: one pair of RNG files (rng.json and rng.safetensors, or a rank's): the sorted tensor names."""
+    doc = strict_json(read_file(directory, manifest, json_name))
+    validate(doc, "rng")
+    tensors, _ = parse_safetensors(read_file(directory, manifest, tensors_name))
+    expected = {"torch.cpu": RNG_TENSORS["torch.cpu"]}
+    expected.update({k: RNG_TENSORS[k] for k in ("python", "numpy") if doc[k] is not None})
+    expected.update({f"torch.cuda.{i}": CUDA_STATE for i in range(doc["torch"]["cuda_devices"])})
+    if set(tensors) != set(expected):
+        raise corrupted(f"{tensors_name} holds {sorted(tensors)}, {json_name} calls for {sorted(expected)}")
+    for name, (dtype, shape) in expected.items():
+        if (_dtype_name(tensors[name]), list(tensors[name].shape)) != (dtype, shape):
+            raise corrupted(f"rng tensor {name}")
+    words = tensors.get("python")
+    if words is not None and not (all(0 <= w < 2**32 for w in words[:624].tolist()) and 0 <= words[624] <= 624):
+        raise corrupted("python state out of range")
+    keys = tensors.get("numpy")
+    if keys is not None and bool(((keys < 0) | (keys >= 2**32)).any()):
+        raise corrupted("numpy state out of range")
+    return sorted(expected)
+
+
 def _check_rng(directory: Path, manifest: dict[str, Any]) -> None:
     """§4 (listed together), §7 (`rng`), §14 (the tensors)."""
     files, sources = manifest["files"], manifest.get("rng", [])
@@ -525,25 +561,8 @@ def _check_rng(directory: Path, manifest: dict[str, Any]) -> None:
         if sources:
             raise corrupted("rng lists generators but there are no RNG files")
         return
-    doc = strict_json(read_file(directory, manifest, "rng.json"))
-    validate(doc, "rng")
-    tensors, _ = parse_safetensors(read_file(directory, manifest, "rng.safetensors"))
-    expected = {"torch.cpu": RNG_TENSORS["torch.cpu"]}
-    expected.update({k: RNG_TENSORS[k] for k in ("python", "numpy") if doc[k] is not None})
-    expected.update({f"torch.cuda.{i}": CUDA_STATE for i in range(doc["torch"]["cuda_devices"])})
-    if set(tensors) != set(expected):
-        raise corrupted(f"rng.safetensors holds {sorted(tensors)}, rng.json calls for {sorted(expected)}")
-    for name, (dtype, shape) in expected.items():
-        if (_dtype_name(tensors[name]), list(tensors[name].shape)) != (dtype, shape):
-            raise corrupted(f"rng tensor {name}")
-    if sources != sorted(expected):
+    if sources != _check_rng_files(directory, manifest, "rng.json", "rng.safetensors"):
         raise corrupted("the manifest's rng disagrees with rng.safetensors")
-    words = tensors.get("python")
-    if words is not None and not (all(0 <= w < 2**32 for w in words[:624].tolist()) and 0 <= words[624] <= 624):
-        raise corrupted("python state out of range")
-    keys = tensors.get("numpy")
-    if keys is not None and bool(((keys < 0) | (keys >= 2**32)).any()):
-        raise corrupted("numpy state out of range")
 
 
 QUANT = "QuantizationMetadataError"
@@ -574,6 +593,8 @@ def load(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, torch.
     """The manifest and the model state (aliases included) of the checkpoint at ``path`` (§13's order)."""
     directory = resolve(Path(path))
     manifest = read_manifest(directory)
+    if manifest["format_version"] == 2:
+        return manifest, read_sharded(directory, manifest).model
     files = manifest["files"]
     for name in files:
         read_file(directory, manifest, name)  # every listed file, known or not
@@ -607,3 +628,278 @@ def load(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, torch.
         if name == "vocab.json":
             validate(doc, "vocab")
     return manifest, state
+
+
+# --------------------------------------------------------------------------------------------------
+# §20: sharded checkpoints (format_version 2)
+# --------------------------------------------------------------------------------------------------
+
+# §20.1: a rank's RNG files; the rank and world are zero-padded to five digits
+RNG_RANK_FILE = re.compile(r"(rng-[0-9]{5,}-of-[0-9]{5,})\.(json|safetensors)")
+TYPED_VALUES = {"$tuple", "$dict", "$float"}  # §4's typed forms, less $tensor (§20.2: values hold no tensor)
+FLOATS = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
+KEY_TYPES = (type(None), bool, int, float, str, tuple)  # §4: the keys a `$dict` may have
+
+
+@dataclass
+class Sharded:
+    """A format-2 checkpoint read whole: ``sharding.json``, every global tensor by entry name, the nested
+    state of §20.3 (tensors and decoded values), and the model state (``path[1]`` of the "model" entries,
+    aliases included)."""
+
+    sharding: dict[str, Any]
+    tensors: dict[str, torch.Tensor]
+    state: Any
+    model: dict[str, torch.Tensor]
+
+
+def _sharding_error(name: str, message: str) -> SpecError:
+    return corrupted(f"sharding.json: entry {name!r}: {message}")
+
+
+def _is_key(key: Any) -> bool:
+    return isinstance(key, KEY_TYPES) and (not isinstance(key, tuple) or all(_is_key(k) for k in key))
+
+
+def decode_value(value: Any, name: str) -> Any:
+    """§20.2 `value`: the typed JSON encoding of states.json (§4) without `$tensor`, decoded to Python."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, list):
+        return [decode_value(v, name) for v in value]
+    if not any(k.startswith("$") for k in value):
+        return {k: decode_value(v, name) for k, v in value.items()}
+    form = next(iter(value))
+    if len(value) != 1 or form not in TYPED_VALUES:
+        raise _sharding_error(name, f"value member {sorted(value)} is not in the typed encoding of values")
+    inner = value[form]
+    if form == "$float" and isinstance(inner, str) and inner in FLOATS:
+        return FLOATS[inner]
+    if form == "$tuple" and isinstance(inner, list):
+        return tuple(decode_value(v, name) for v in inner)
+    if form == "$dict" and isinstance(inner, list) and all(isinstance(p, list) and len(p) == 2 for p in inner):
+        out: dict[Any, Any] = {}
+        for raw_key, raw_value in inner:
+            key = decode_value(raw_key, name)
+            if not _is_key(key):
+                raise _sharding_error(name, f"$dict key {raw_key!r} is not a None, bool, int, float, str or tuple")
+            if key in out:
+                raise _sharding_error(name, f"$dict key {raw_key!r} appears twice")
+            out[key] = decode_value(raw_value, name)
+        return out
+    raise _sharding_error(name, f"malformed {form}")
+
+
+def _volume(sizes: list[int]) -> int:
+    return math.prod(sizes)  # the product of [] is 1: a 0-dimensional chunk holds one element
+
+
+def _check_tensor_entry(name: str, entry: dict[str, Any], files: dict[str, Any]) -> None:
+    """§20.2 rules 2 and 3 for one tensor entry."""
+    shape, chunks = entry["shape"], entry["chunks"]
+    numel = 1
+    for d in shape:  # as §5.5 for a safetensors shape: every partial product stays below 2**64
+        numel *= d
+        if numel >= 2**64:
+            raise _sharding_error(name, "shape of 2**64 elements or more")
+    for chunk in chunks:
+        if chunk["file"] not in files:
+            raise _sharding_error(name, f"chunk file {chunk['file']!r} is not listed in the manifest")
+        offsets, sizes = chunk["offsets"], chunk["sizes"]
+        if len(offsets) != len(shape) or len(sizes) != len(shape):
+            raise _sharding_error(
+                name, f"a chunk of {len(offsets)}/{len(sizes)} dimensions, the tensor has {len(shape)}"
+            )
+        if any(o + s > d for o, s, d in zip(offsets, sizes, shape, strict=True)):
+            raise _sharding_error(name, f"chunk at {offsets} of {sizes} reaches beyond its size {shape}")
+    boxes = [(c["offsets"], c["sizes"]) for c in chunks if _volume(c["sizes"]) > 0]
+    for i, (a_at, a_len) in enumerate(boxes):
+        for b_at, b_len in boxes[:i]:
+            if all(a < b + m and b < a + n for a, n, b, m in zip(a_at, a_len, b_at, b_len, strict=True)):
+                raise _sharding_error(name, f"chunks at {b_at} and {a_at} overlap")
+    if sum(_volume(c["sizes"]) for c in chunks) != _volume(shape):
+        raise _sharding_error(name, "the chunks do not cover the tensor: a chunk is missing")
+
+
+def _check_paths(entries: dict[str, Any]) -> None:
+    """§20.2 rule 5: no path a prefix of another (or equal to it), no integer and string at one place."""
+    leaf = object()
+    root: dict[Any, Any] = {}
+    for name, entry in entries.items():
+        node = root
+        for member in entry["path"]:
+            if node.get(leaf) is not None:
+                raise _sharding_error(name, f"path {entry['path']} extends the path of {node[leaf]!r}")
+            kinds = {type(k) for k in node if k is not leaf}
+            if kinds and type(member) not in kinds:
+                raise _sharding_error(name, f"path {entry['path']} mixes list indices and member names")
+            node = node.setdefault(member, {})
+        if node:
+            other = node.get(leaf) or "another entry"
+            raise _sharding_error(name, f"path {entry['path']} is a prefix of, or equals, the path of {other!r}")
+        node[leaf] = name
+
+
+def check_sharding(doc: Any, manifest: dict[str, Any]) -> None:
+    """§20.2 rules 1 to 5: everything sharding.json says by itself, before any shard file is parsed."""
+    version = doc.get("format_version") if isinstance(doc, dict) else None
+    if type(version) is int and version > 2:  # §20.2: before the schema, as for the manifest (§15)
+        raise SpecError("UnsupportedFormatVersionError", f"sharding.json format_version {version} is newer than 2")
+    validate(doc, "sharding")
+    files, seen = manifest["files"], dict[tuple[str, str], str]()
+    for name, entry in doc["entries"].items():
+        if "value" in entry:
+            decode_value(entry["value"], name)
+            continue
+        _check_tensor_entry(name, entry, files)
+        for chunk in entry["chunks"]:
+            where = (chunk["file"], chunk["key"])
+            if where in seen:
+                raise _sharding_error(name, f"chunk {where} is also a chunk of {seen[where]!r}")
+            seen[where] = name
+    _check_paths(doc["entries"])
+
+
+def _rebuild(items: list[tuple[list[Any], Any]], depth: int = 0) -> Any:
+    """§20.3: string members are object members, integer ones list indices (a list is as long as its largest
+    index plus one; an index no entry names holds None)."""
+    if len(items) == 1 and len(items[0][0]) == depth:
+        return items[0][1]
+    groups: dict[Any, list[tuple[list[Any], Any]]] = {}
+    for path, value in items:
+        groups.setdefault(path[depth], []).append((path, value))
+    children = {member: _rebuild(group, depth + 1) for member, group in groups.items()}
+    if type(next(iter(children))) is not int:
+        return children
+    out: list[Any] = [None] * (max(children) + 1)
+    for index, child in children.items():
+        out[index] = child
+    return out
+
+
+def _reassemble(name: str, entry: dict[str, Any], shards: dict[str, Any]) -> torch.Tensor:
+    """§20.2 rule 6 and the reassembly, byte for byte (as uint8 with a trailing dimension of the item size)."""
+    dtype, shape = entry["dtype"], entry["shape"]
+    itemsize, torch_dtype = DTYPES[dtype][2], DTYPES[dtype][1]
+    empty = _volume(shape) == 0  # nothing to copy (the chunks are still checked)
+    out = torch.zeros([*([0] * len(shape) if empty else shape), itemsize], dtype=torch.uint8)
+    for chunk in entry["chunks"]:
+        file, key, sizes = chunk["file"], chunk["key"], chunk["sizes"]
+        tensors, ranges, data = shards[file]
+        if key not in tensors:
+            raise _sharding_error(name, f"{file} holds no tensor {key!r}")
+        stored = (_dtype_name(tensors[key]), list(tensors[key].shape))
+        if stored != (dtype, sizes):
+            raise corrupted(
+                f"{file}: tensor {key!r} is stored as {stored[0]} {stored[1]} but sharding.json says {dtype} {sizes}"
+            )
+        begin, end = ranges[key]
+        if end > begin:
+            region = tuple(slice(o, o + s) for o, s in zip(chunk["offsets"], sizes, strict=True))
+            out[region] = torch.frombuffer(bytearray(data[begin:end]), dtype=torch.uint8).reshape([*sizes, itemsize])
+    if empty:
+        try:
+            return torch.empty(shape, dtype=torch_dtype)
+        except RuntimeError:  # a dimension of 2**63 or more: no torch tensor has it
+            raise _sharding_error(name, f"torch cannot represent the shape {shape}") from None
+    return torch.frombuffer(bytearray(out.numpy().tobytes()), dtype=torch_dtype).reshape(shape)
+
+
+def _check_rank_rng(directory: Path, manifest: dict[str, Any]) -> None:
+    """§20.1 and §14: each rank's rng-R-of-W.json and .safetensors, listed together; the manifest's `rng` is the
+    sorted tensor names of every rank's pair ([] when there is none)."""
+    stems: dict[str, set[str]] = {}
+    world = json.loads(read_file(directory, manifest, "sharding.json"))["world_size"]
+    for name in manifest["files"]:
+        if m := RNG_RANK_FILE.fullmatch(name):
+            stems.setdefault(m.group(1), set()).add(m.group(2))
+            rank, of = (int(x) for x in re.findall(r"[0-9]+", m.group(1)))
+            if of != world or rank >= world:  # §20.1: a rank of the world that saved
+                raise corrupted(f"{name} names rank {rank} of {of}; sharding.json says {world} ranks")
+    sources = manifest.get("rng", [])
+    if not stems and sources:
+        raise corrupted("rng lists generators but there are no RNG files")
+    for stem, kinds in sorted(stems.items()):
+        if kinds != {"json", "safetensors"}:
+            raise corrupted(f"{stem}.json and {stem}.safetensors go together")
+        if sources != _check_rng_files(directory, manifest, f"{stem}.json", f"{stem}.safetensors"):
+            raise corrupted(f"the manifest's rng disagrees with {stem}.safetensors")
+
+
+def read_sharded(directory: Path, manifest: dict[str, Any]) -> Sharded:
+    """§20: a format-2 checkpoint, read whole in one process, after read_manifest (§13 steps 1 and 2)."""
+    files = manifest["files"]
+    for name in files:
+        read_file(directory, manifest, name)  # §13 step 3: every listed file, known or not
+    if manifest.get("quantization") is not None:
+        raise corrupted("quantization is not part of format_version 2")
+    doc = strict_json(read_file(directory, manifest, "sharding.json"))
+    check_sharding(doc, manifest)
+    entries = doc["entries"]
+    # §20.1: a shard file (a file some chunk names) carries per-tensor checksums of exactly its tensors
+    shards: dict[str, Any] = {}
+    for file in sorted({c["file"] for e in entries.values() for c in e.get("chunks", [])}):
+        listed = files[file].get("tensors")
+        if listed is None:
+            raise corrupted(f"{file}: a shard file's manifest entry needs its per-tensor checksum list")
+        data = read_file(directory, manifest, file)
+        tensors, ranges = parse_safetensors(data)
+        if set(listed) != set(tensors):
+            raise corrupted(f"{file}: tensors disagree with the manifest's per-tensor checksum list")
+        for key, (begin, end) in ranges.items():
+            if xxh3(data[begin:end]) != listed[key]:
+                raise corrupted(f"{file}: tensor {key!r}: checksum mismatch")
+        shards[file] = (tensors, ranges, data)
+    tensors = {name: _reassemble(name, e, shards) for name, e in entries.items() if "chunks" in e}
+    values = {name: tensors[name] if "chunks" in e else decode_value(e["value"], name) for name, e in entries.items()}
+    state = _rebuild([(e["path"], values[name]) for name, e in entries.items()]) if entries else {}
+    model: dict[str, torch.Tensor] = {}
+    for name, e in entries.items():
+        path = e["path"]
+        if path[0] != "model":
+            continue
+        if len(path) != 2 or not isinstance(path[1], str) or "chunks" not in e:
+            raise _sharding_error(name, 'a model entry is a tensor at a path ["model", NAME]')
+        model[path[1]] = tensors[name]
+    if manifest.get("aliases"):  # §20.1: a tied tensor is saved under each of its names
+        raise corrupted("aliases must be empty in format_version 2")
+    for name in ("scheduler.pt", "scaler.pt"):
+        if name in files:
+            obj = load_pt(read_file(directory, manifest, name))
+            if not isinstance(obj, dict):
+                raise corrupted(f"{name} is not a state_dict")
+    _check_rank_rng(directory, manifest)
+    for name in sorted({"config.json", "vocab.json"} & set(files)):
+        json_doc = strict_json(read_file(directory, manifest, name))
+        if name == "config.json" and not isinstance(json_doc, dict):
+            raise corrupted("config.json is not an object")
+        if name == "vocab.json":
+            validate(json_doc, "vocab")
+    return Sharded(doc, tensors, state, model)
+
+
+def load_sharded(path: str | os.PathLike[str]) -> tuple[dict[str, Any], Sharded]:
+    """The manifest and everything ``read_sharded`` gives of the format-2 checkpoint at ``path``."""
+    directory = resolve(Path(path))
+    manifest = read_manifest(directory)
+    if manifest["format_version"] != 2:
+        raise ValueError(f"{path}: format_version {manifest['format_version']}, not a sharded checkpoint")
+    return manifest, read_sharded(directory, manifest)
+
+
+def optimizer_state_dict(optimizer: dict[str, Any]) -> dict[str, Any]:
+    """§20.3: the "optimizer" state (keyed by parameter name) in torch.optim.Optimizer.state_dict()'s form:
+    parameters numbered 0, 1, 2, ... in their order across param_groups, `state` keyed by those numbers."""
+    groups = optimizer.get("param_groups", [])
+    number: dict[str, int] = {}
+    for group in groups:
+        for param in group["params"]:
+            number.setdefault(param, len(number))
+    state = optimizer.get("state", {})
+    unknown = set(state) - set(number)
+    if unknown:
+        raise corrupted(f"optimizer state of {sorted(unknown)}, in no param group")
+    return {
+        "state": {number[p]: s for p, s in state.items()},
+        "param_groups": [{**g, "params": [number[p] for p in g["params"]]} for g in groups],
+    }

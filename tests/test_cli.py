@@ -128,14 +128,15 @@ def test_help_says_what_the_tool_does_and_shows_each_command_with_an_example():
     assert out.startswith("usage: portable-ckpt [--traceback] COMMAND [ARGS...]\n\nInspect, validate and convert")
     assert (
         "commands (portable-ckpt COMMAND --help says what each prints):\n"
-        "  inspect    what a checkpoint holds                  portable-ckpt inspect checkpoints\n"
-        "  list       every checkpoint of a root, checked      portable-ckpt list checkpoints\n"
-        "  validate   verify checksums, schemas, headers       portable-ckpt validate checkpoints/step-00000100\n"
-        "  diff       what differs between two checkpoints     portable-ckpt diff run-a/checkpoints run-b/checkpoints\n"
-        "  convert    a format-0 checkpoint to format 1        portable-ckpt convert old-run/ checkpoints\n"
-        "  import     a foreign checkpoint as format 1         portable-ckpt import out/ckpt.pt checkpoints\n"
-        "  export     a checkpoint as a Hugging Face folder    portable-ckpt export checkpoints hf-model --to hf\n"
-        "  demo       train, SIGKILL, resume bit-identically   portable-ckpt demo --quantize int8\n"
+        "  inspect      what a checkpoint holds                  portable-ckpt inspect checkpoints\n"
+        "  list         every checkpoint of a root, checked      portable-ckpt list checkpoints\n"
+        "  validate     verify checksums, schemas, headers       portable-ckpt validate checkpoints/step-00000100\n"
+        "  diff         what differs between two checkpoints     portable-ckpt diff run-a/checkpoints run-b/checkpoints\n"
+        "  convert      a format-0 checkpoint to format 1        portable-ckpt convert old-run/ checkpoints\n"
+        "  import       a foreign checkpoint as format 1         portable-ckpt import out/ckpt.pt checkpoints\n"
+        "  export       a checkpoint as a Hugging Face folder    portable-ckpt export checkpoints hf-model --to hf\n"
+        "  consolidate  a sharded checkpoint as one-process      portable-ckpt consolidate dist-ckpts single\n"
+        "  demo         train, SIGKILL, resume bit-identically   portable-ckpt demo --quantize int8\n"
     ) in out
     assert (
         "exit status: 0 ok, 1 invalid or unreadable checkpoint, 2 usage error (diff: 0 identical, 1 different)." in out

@@ -424,7 +424,7 @@ def test_second_copy_of_weights_listed(tmp_path: Path) -> None:
 
 def test_help_lists_import() -> None:
     code, out, _ = _run(["--help"])
-    line = "  import     a foreign checkpoint as format 1         portable-ckpt import out/ckpt.pt checkpoints\n"
+    line = "  import       a foreign checkpoint as format 1         portable-ckpt import out/ckpt.pt checkpoints\n"
     assert code == 0 and line in out
     code, out, _ = _run(["import", "--help"])
     assert code == 0 and "training_args.bin" in out and "exit status: 0 imported" in out

@@ -28,6 +28,7 @@ from safetensors.torch import save as reference_save
 from portable_ckpt import (
     CheckpointCorruptedError,
     StateMismatchError,
+    UnsupportedFormatVersionError,
     load_checkpoint,
     prepare_model,
     quantize,
@@ -73,7 +74,9 @@ def spec_python_block(section: str) -> str:
     """The first ```python block of the spec section whose heading starts with ``section``."""
     start = SPEC.index(f"\n## {section}")
     end = SPEC.index("\n## ", start + 1)
-    return re.search(r"```python\n(.*?)```", SPEC[start:end], re.S).group(1)
+    found = re.search(r"```python\n(.*?)```", SPEC[start:end], re.S)
+    assert found is not None, section
+    return found.group(1)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -227,7 +230,13 @@ def test_limits_and_names_in_the_spec_are_the_code_and_schema():
     assert spec_reader.STEP_DIR.pattern == _names.STEP_DIR.pattern.replace("(", "").replace(")", "")
     assert f"`{spec_reader.STEP_DIR.pattern}`" in SPEC
     assert spec_reader.TRAILER.pattern == _manifest._TRAILER.pattern
-    assert _schemas.schema("manifest")["properties"]["files"]["maxProperties"] == 64
+    by_version = {
+        rule["if"]["properties"]["format_version"]["const"]: rule["then"]["properties"]["files"]
+        for rule in _schemas.schema("manifest")["allOf"]
+    }
+    assert by_version[1]["maxProperties"] == 64 and by_version[1]["required"] == ["model.safetensors"]
+    assert by_version[2]["maxProperties"] == 100_000 and by_version[2]["required"] == ["sharding.json"]
+    assert "at most 64 (format_version 2: at most 100,000)" in SPEC
 
 
 def test_pickle_files_have_no_zip_crc_as_the_spec_says():
@@ -328,6 +337,209 @@ def test_spec_reader_refuses_the_invalid_vectors_with_the_listed_class(entry):
     with pytest.raises(spec_reader.SpecError) as info:
         spec_reader.load(VECTORS / entry["name"])
     assert info.value.error == entry["error"], str(info.value)
+
+
+def test_spec_reader_reassembles_valid_sharded_as_load_checkpoint_does():
+    """§20: the full tensors spec_reader rebuilds from the chunks are load_checkpoint's, bit for bit; so is the
+    optimizer state in torch.optim's form (§20.3), and each tensor is its chunks read by the reference library."""
+    path = VECTORS / "valid-sharded"
+    manifest, sharded = spec_reader.load_sharded(path)
+    ckpt = load_checkpoint(path, restore_rng=False)
+    assert manifest == ckpt.manifest and manifest["format_version"] == 2 and ckpt.step == 9
+    assert_same_state(sharded.model, ckpt.model_state)
+    assert sharded.model.keys() == sharded.state["model"].keys()
+    assert all(sharded.state["model"][k] is t for k, t in sharded.model.items())
+    optimizer = spec_reader.optimizer_state_dict(sharded.state["optimizer"])
+    assert optimizer["param_groups"] == ckpt.optimizer_state["param_groups"]
+    assert optimizer["state"].keys() == ckpt.optimizer_state["state"].keys()
+    for number, state in optimizer["state"].items():
+        assert_same_state(state, ckpt.optimizer_state["state"][number])
+    for name, entry in sharded.sharding["entries"].items():
+        if "chunks" not in entry:
+            continue
+        full = sharded.tensors[name]
+        assert (spec_reader._dtype_name(full), list(full.shape)) == (entry["dtype"], entry["shape"])
+        for chunk in entry["chunks"]:
+            with safe_open(str(path / chunk["file"]), framework="pt") as f:
+                part = f.get_tensor(chunk["key"])
+            region = tuple(slice(o, o + n) for o, n in zip(chunk["offsets"], chunk["sizes"], strict=True))
+            assert raw(full[region]) == raw(part), (name, chunk)
+    assert spec_reader.load(path)[1].keys() == sharded.model.keys()
+
+
+def resealed_sharded(tmp_path: Path, sharding=None, manifest=None) -> Path:
+    """A copy of valid-sharded with sharding.json and the manifest changed, every size and checksum recomputed
+    (with spec_reader's §8 to §10, not the reference's)."""
+    path = tmp_path / "sharded"
+    shutil.copytree(VECTORS / "valid-sharded", path)
+    doc = json.loads((path / "sharding.json").read_bytes())
+    if sharding is not None:
+        sharding(doc)
+    data = spec_reader.canonical(doc)
+    (path / "sharding.json").write_bytes(data)
+    man = json.loads((path / "manifest.json").read_bytes())
+    man["files"]["sharding.json"] = {"size": len(data), "checksum": spec_reader.xxh3(data)}
+    if manifest is not None:
+        manifest(man, path)
+    (path / "manifest.json").write_bytes(spec_reader.manifest_bytes(man))
+    return path
+
+
+def _entries(doc: dict[str, Any]) -> dict[str, Any]:
+    return doc["entries"]
+
+
+def _set_value(value: Any):
+    return lambda doc: _entries(doc)["optimizer.param_groups.0.amsgrad"].update(value=value)
+
+
+def _rewrite(name: str, data: bytes):
+    def change(man: dict[str, Any], path: Path) -> None:
+        (path / name).write_bytes(data)
+        man["files"][name] = {"size": len(data), "checksum": spec_reader.xxh3(data)}
+
+    return change
+
+
+_RNG_NUMPY_NULL = b'{"numpy":null,"python":{"gauss_next":null,"version":3},"torch":{"cpu":true,"cuda_devices":0}}'
+_EMB, _BIAS, _STEP = "model.emb.weight", "model.lin.bias", "optimizer.state.lin.bias.step"
+
+# (what changes sharding.json, what changes the manifest and the files): each a single defect of §20
+SHARDED_DEFECTS: dict[str, tuple[Any, Any]] = {
+    "path-prefix": (lambda d: _entries(d).update(x={"path": ["model", "emb.weight", "x"], "value": 1}), None),
+    "path-int-and-str": (
+        lambda d: _entries(d).update(x={"path": ["optimizer", "param_groups", "x"], "value": 1}),
+        None,
+    ),
+    "path-equal": (lambda d: _entries(d).update(x=dict(_entries(d)["optimizer.param_groups.0.lr"])), None),
+    "same-file-and-key": (
+        lambda d: _entries(d)["model.head.weight"].update(chunks=json.loads(json.dumps(_entries(d)[_EMB]["chunks"]))),
+        None,
+    ),
+    "chunk-rank": (lambda d: _entries(d)[_EMB]["chunks"][0].update(offsets=[0]), None),
+    "chunk-shape-not-stored": (
+        lambda d: _entries(d)[_BIAS].update(
+            chunks=[
+                dict(_entries(d)[_BIAS]["chunks"][0], sizes=[3]),
+                dict(_entries(d)[_BIAS]["chunks"][1], offsets=[3], sizes=[1]),
+            ]
+        ),
+        None,
+    ),
+    "chunk-key-not-in-file": (lambda d: _entries(d)[_EMB]["chunks"][0].update(key="nope"), None),
+    "zero-dim-twice": (
+        lambda d: _entries(d)[_STEP]["chunks"].append(
+            dict(_entries(d)[_STEP]["chunks"][0], key="optimizer.state.lin.weight.step")
+        ),
+        None,
+    ),
+    "value-dict-duplicate-key": (_set_value({"$dict": [[1, 2], [1, 3]]}), None),
+    "value-dict-list-key": (_set_value({"$dict": [[[1], 2]]}), None),
+    "value-float-spelling": (_set_value({"$float": "NaN"}), None),
+    "value-typed-with-member": (_set_value({"$tuple": [], "x": 1}), None),
+    "value-unknown-typed": (_set_value({"$foo": 1}), None),
+    "rank-rng-of-another-world": (None, lambda m, p: _rank_file_of_another_world(m, p)),
+    "sharding-unknown-member": (lambda d: d.update(ranks=2), None),
+    "tensor-list-extra-name": (
+        None,
+        lambda m, p: m["files"]["model-00000-of-00002.safetensors"]["tensors"].update(bogus="0" * 32),
+    ),
+    "manifest-rng": (None, lambda m, p: m.update(rng=["numpy", "torch.cpu"])),
+    "rank-rng-json-alone": (None, lambda m, p: m["files"].pop("rng-00001-of-00002.safetensors")),
+    "rank-rng-disagrees-with-its-json": (None, _rewrite("rng-00001-of-00002.json", _RNG_NUMPY_NULL)),
+    "alias-to-nothing": (None, lambda m, p: m.update(aliases={"tied.weight": "nothing"})),
+    "quantization-in-version-2": (
+        None,
+        lambda m, p: m.update(quantization={"mode": "ptq", "bits": 8, "metadata_file": "quantization_metadata.json"}),
+    ),
+    "model-entry-not-a-tensor": (lambda d: _entries(d).update(x={"path": ["model", "x"], "value": 1}), None),
+    "model-entry-path-of-three": (lambda d: _entries(d)[_BIAS].update(path=["model", "lin", "bias"]), None),
+    "other-key-chunk-not-in-file": (
+        lambda d: _entries(d).update(
+            x={
+                "path": ["x"],
+                "dtype": "F32",
+                "shape": [0, 4],
+                "chunks": [
+                    {"file": "model-00000-of-00002.safetensors", "key": "nope", "offsets": [0, 0], "sizes": [0, 4]}
+                ],
+            }
+        ),
+        None,
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(SHARDED_DEFECTS))
+def test_spec_reader_refuses_sharded_defects(case: str, tmp_path: Path):
+    """§20.2's rules beyond the vectors, each a CheckpointCorruptedError."""
+    path = resealed_sharded(tmp_path, *SHARDED_DEFECTS[case])
+    with pytest.raises(spec_reader.SpecError) as info:
+        spec_reader.load(path)
+    assert info.value.error == "CheckpointCorruptedError", str(info.value)
+
+
+@pytest.mark.parametrize("case", list(SHARDED_DEFECTS))
+def test_load_checkpoint_refuses_sharded_defects_as_spec_reader_does(case: str, tmp_path: Path):
+    path = resealed_sharded(tmp_path, *SHARDED_DEFECTS[case])
+    with pytest.raises(CheckpointCorruptedError):
+        load_checkpoint(path, restore_rng=False)
+
+
+def test_a_newer_sharding_table_is_unsupported_for_both_readers(tmp_path: Path):
+    path = resealed_sharded(tmp_path, lambda d: d.update(format_version=3), None)
+    with pytest.raises(spec_reader.SpecError) as info:
+        spec_reader.load(path)
+    assert info.value.error == "UnsupportedFormatVersionError"
+    with pytest.raises(UnsupportedFormatVersionError, match=r"sharding\.json: format_version 3 is newer"):
+        load_checkpoint(path, restore_rng=False)
+
+
+def _rank_file_of_another_world(man: dict[str, Any], path: Path) -> None:
+    for suffix in ("json", "safetensors"):  # a whole, valid pair, named for rank 2 of 3 in a 2-rank checkpoint
+        shutil.copy(path / f"rng-00001-of-00002.{suffix}", path / f"rng-00002-of-00003.{suffix}")
+        man["files"][f"rng-00002-of-00003.{suffix}"] = man["files"][f"rng-00001-of-00002.{suffix}"]
+
+
+def _drop_rank_rng(man: dict[str, Any], path: Path) -> None:
+    for name in [n for n in man["files"] if n.startswith("rng-")]:
+        del man["files"][name]
+    man["rng"] = []
+
+
+SHARDED_ACCEPTED: dict[str, tuple[Any, Any]] = {
+    "shard-tensor-no-chunk-names": (lambda d: _entries(d).pop("model.head.weight"), None),
+    "no-entries": (lambda d: d.update(entries={}), None),
+    "entry-name-not-the-joined-path": (
+        lambda d: _entries(d).update(whatever=_entries(d).pop("optimizer.param_groups.0.lr")),
+        None,
+    ),
+    "value-forms": (
+        _set_value({"a": [{"$tuple": []}], "b": {"$dict": [[{"$tuple": [1, None]}, {"$float": "-inf"}]]}}),
+        None,
+    ),
+    "no-rank-rng-files": (None, _drop_rank_rng),
+    "unknown-listed-file": (None, _rewrite("notes.txt", b"hello")),
+}
+
+
+@pytest.mark.parametrize("case", list(SHARDED_ACCEPTED))
+def test_spec_reader_and_load_checkpoint_accept_sharded_variants(case: str, tmp_path: Path):
+    path = resealed_sharded(tmp_path, *SHARDED_ACCEPTED[case])
+    manifest, state = spec_reader.load(path)
+    assert manifest["step"] == 9
+    assert_same_state(state, load_checkpoint(path, restore_rng=False).model_state)
+
+
+def test_spec_reader_decodes_sharded_values():
+    """§20.2: values in the typed encoding of states.json (§4), decoded; §20.3: the nested state."""
+    assert spec_reader.decode_value({"$dict": [[{"$tuple": [1, None]}, {"$float": "-inf"}]]}, "x") == {
+        (1, None): float("-inf")
+    }
+    assert spec_reader.decode_value({"a": [{"$tuple": []}, 2**64 - 1]}, "x") == {"a": [(), 2**64 - 1]}
+    nan = spec_reader.decode_value({"$float": "nan"}, "x")
+    assert nan != nan
+    assert spec_reader._rebuild([(["a", 2], 1), (["a", 0, "b"], 2), (["c"], 3)]) == {"a": [{"b": 2}, None, 1], "c": 3}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -432,7 +644,7 @@ def written_globals(data: bytes) -> set[str]:
     found = set()
     for op, arg, _ in pickletools.genops(pkl):
         if op.name == "GLOBAL":
-            module, _, name = arg.partition(" ")
+            module, _, name = str(arg).partition(" ")
             found.add(f"{'builtins' if module == '__builtin__' else module}.{name}")
     return found
 

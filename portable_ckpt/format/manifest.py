@@ -18,7 +18,9 @@ from portable_ckpt.storage import local as _layout
 from portable_ckpt.version import __version__
 
 FORMAT = "portable-ckpt"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # what a one-process save writes
+SHARDED_FORMAT_VERSION = 2  # what a save under a process group writes (format_spec/README.md §20)
+READ_VERSION = SHARDED_FORMAT_VERSION  # the newest format_version this reader reads
 MANIFEST = "manifest.json"
 LIBRARY_VERSION = __version__  # the producer version written into every manifest
 
@@ -82,12 +84,13 @@ def build(
     rng: list[str],
     quantization: dict[str, Any] | None,
     extra: dict[str, Any] | None,
+    version: int = FORMAT_VERSION,
 ) -> dict[str, Any]:
     if type(step) is not int or not 0 <= step < _jsonio.INT_END:
         raise CheckpointInputError(f"step must be an int in [0, 2**64), found {step!r}")
     doc: dict[str, Any] = {
         "format": FORMAT,
-        "format_version": FORMAT_VERSION,
+        "format_version": version,
         "step": step,
         "created_at": now(),
         "producer": {"name": "portable-ckpt", "version": LIBRARY_VERSION, "torch": torch.__version__},
@@ -121,9 +124,9 @@ def parse(data: bytes, *, where: str) -> dict[str, Any]:
     if not isinstance(doc, dict):
         raise CheckpointCorruptedError(f"{label}: expected a JSON object, found {type(doc).__name__}", file=label)
     version = doc.get("format_version")
-    if doc.get("format") == FORMAT and type(version) is int and version > FORMAT_VERSION:
+    if doc.get("format") == FORMAT and type(version) is int and version > READ_VERSION:
         raise UnsupportedFormatVersionError(
-            f"{label}: format_version {version} is newer than this reader supports ({FORMAT_VERSION}); "
+            f"{label}: format_version {version} is newer than this reader supports ({READ_VERSION}); "
             "upgrade portable-ckpt to read it",
             file=label,
         )

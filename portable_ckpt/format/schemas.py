@@ -20,6 +20,7 @@ SCHEMA_FILES = {
     "quantization_metadata": "quantization_metadata.schema.json",
     "legacy_metadata": "legacy_metadata.schema.json",
     "states": "states.schema.json",
+    "sharding": "sharding.schema.json",
 }
 
 

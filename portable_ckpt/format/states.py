@@ -169,3 +169,18 @@ def decode(doc: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], filename
     if unused:
         raise dec.bad(f"tensors {unused[:5]} of states.safetensors are referenced by no object")
     return out
+
+
+class _NoTensors(_Encoder):
+    def tensor(self, t: torch.Tensor) -> dict[str, str]:
+        raise CheckpointInputError(f"{self.owner}: a tensor inside a non-tensor value; make it its own state entry")
+
+
+def encode_value(value: Any, path: str) -> Any:
+    """One value without tensors in the typed JSON encoding (the non-tensor entries of sharding.json)."""
+    return _NoTensors(path).value(value, path)
+
+
+def decode_value(doc: Any, path: str, filename: str) -> Any:
+    """The inverse of ``encode_value``; a ``$tensor`` reference is refused (there is no tensor file)."""
+    return _Decoder({}, filename).value(doc, path)

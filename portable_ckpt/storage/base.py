@@ -62,8 +62,20 @@ class CheckpointDir(Protocol):
     def close(self) -> None: ...
 
 
+class Joined(Protocol):
+    """Another process's staging area, joined to write files into it (the ranks of a sharded save)."""
+
+    def create(self, name: str) -> WriteFile: ...
+    def sync(self, name: str) -> None: ...
+
+
 class Staging(Protocol):
-    """A checkpoint being written. ``create`` each file, ``sync`` it, then ``commit`` (or ``abort``)."""
+    """A checkpoint being written. ``create`` each file, ``sync`` it, then ``commit`` (or ``abort``).
+
+    ``area`` names the staging area for ``Storage.join`` in other processes of the same save."""
+
+    @property
+    def area(self) -> str: ...
 
     def create(self, name: str) -> WriteFile: ...
     def sync(self, name: str) -> None: ...
@@ -107,6 +119,10 @@ class Storage(Protocol):
     def stage(self, name: str, *, overwrite: bool) -> Staging:
         """Begin writing the checkpoint directory ``name`` of this root (``CheckpointExistsError`` if it is
         committed and not ``overwrite``)."""
+        ...
+
+    def join(self, area: str) -> Joined:
+        """Write into the staging area ``area`` of this root that another process opened (``Staging.area``)."""
         ...
 
     def remove(self, name: str) -> None:

@@ -217,6 +217,14 @@ class LocalStorage:
     def stage(self, name: str, *, overwrite: bool) -> LocalStaging:
         return LocalStaging(self, name, overwrite=overwrite)
 
+    def join(self, area: str) -> LocalJoined:
+        if not area.startswith(names.TMP_PREFIX) or "/" in area or not (self.path / area).is_dir():
+            raise CheckpointNotFoundError(
+                f"{self.path / area}: no staging directory of a save in progress under {self.path}",
+                file=self.path / area,
+            )
+        return LocalJoined(self.path / area)
+
     def remove(self, name: str) -> None:
         """Renamed away first, so the checkpoint vanishes at once for readers, then deleted."""
         trash = self.path / f"{names.TRASH_PREFIX}{name}-{uuid.uuid4().hex[:8]}"
@@ -267,6 +275,19 @@ class LocalStorage:
         return removed
 
 
+@dataclass(frozen=True, slots=True)
+class LocalJoined:
+    """Files created in another process's temporary directory (the coordinator renames it on commit)."""
+
+    dir: Path
+
+    def create(self, name: str) -> FdWriter:
+        return FdWriter(os.open(self.dir / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+
+    def sync(self, name: str) -> None:
+        fsync_path(self.dir / name)
+
+
 class LocalStaging:
     """A temporary sibling directory ``.tmp-<name>-<pid>-<random>``, renamed into place on commit."""
 
@@ -284,6 +305,10 @@ class LocalStaging:
         if self.tmp is None:
             raise RuntimeError("this staging area was already committed or aborted")
         return self.tmp
+
+    @property
+    def area(self) -> str:
+        return self._dir().name
 
     def create(self, name: str) -> FdWriter:
         return FdWriter(os.open(self._dir() / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))

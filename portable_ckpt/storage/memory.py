@@ -232,6 +232,11 @@ class MemoryStorage:
     def stage(self, name: str, *, overwrite: bool) -> MemoryStaging:
         return MemoryStaging(self, name, overwrite=overwrite)
 
+    def join(self, area: str) -> MemoryJoined:
+        if not area.startswith(self.prefix + "/") or "/" in area[len(self.prefix) + 1 :]:
+            raise CheckpointInputError(f"{SCHEME}{area.lstrip('/')}: not a staging area of {self.location}")
+        return MemoryJoined(self.store, area)
+
     def remove(self, name: str) -> None:
         """``manifest-last``: the manifest goes first, so a half-deleted checkpoint is never committed."""
         if self.commit_strategy == "manifest-last":
@@ -270,6 +275,20 @@ class MemoryStorage:
         return removed
 
 
+@dataclass(frozen=True, slots=True)
+class MemoryJoined:
+    """Objects written under another writer's staging prefix."""
+
+    store: Store
+    dir: str
+
+    def create(self, name: str) -> MemoryWriter:
+        return MemoryWriter(self.store, f"{self.dir}/{name}")
+
+    def sync(self, name: str) -> None:
+        self.store.faults.check("sync", f"{self.dir}/{name}")
+
+
 class MemoryStaging:
     """``rename``: a temporary prefix moved into place. ``manifest-last``: the step directory itself,
     marked by a ``.pending-`` object until the manifest has arrived."""
@@ -299,6 +318,10 @@ class MemoryStaging:
             self.marker = root._key(f"{names.PENDING_PREFIX}{tag}")
             root.store.put(self.marker, b"")
         self.dir = root._key(name)
+
+    @property
+    def area(self) -> str:
+        return self.dir
 
     def create(self, name: str) -> MemoryWriter:
         if self.done:
