@@ -1,7 +1,10 @@
-"""The long fault-tolerance run: many crash trials, every I/O call of a save failed in turn, the corruption
-catalog plus random byte flips, thousands of fuzz examples, rounds of concurrent writers and readers.
+"""The long fault-tolerance run: many crash trials (local, and against a local S3 server), every I/O call of
+a save failed in turn, the corruption catalog plus random byte flips, the importers fed damaged and hostile
+sources, objects of remote roots changed between listing and reading, thousands of fuzz examples, rounds of
+concurrent writers, retention and rewinds racing readers.
 
     python tests/stress.py [--trials 50] [--fuzz-examples 5000] [--seed N] [--workdir DIR]
+    python tests/stress.py --preset full --seed N      (the documented run: see PRESETS)
 
 Prints the figures (trials run, faults injected, corrupt inputs tried, fuzz examples run, checkpoints
 lost, silent corruptions, unexpected exceptions, other broken promises) and the first findings of each
@@ -12,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import json
 import os
 import random
@@ -28,10 +32,45 @@ from pathlib import Path
 import faults
 import test_diskfull
 import test_fuzz
+from faults import importers, remote
 
 import portable_ckpt as pc
 
-SECTIONS = ["crash", "overwrite-crash", "disk-full", "storage-faults", "corruption", "pipes", "fuzz", "concurrency"]
+SECTIONS = [
+    "crash",
+    "overwrite-crash",
+    "disk-full",
+    "storage-faults",
+    "corruption",
+    "pipes",
+    "importers",
+    "fuzz",
+    "s3-crash",
+    "remote-reads",
+    "concurrency",
+]
+SLOW_SECTIONS = ("s3-crash", "remote-reads")  # need the local S3 server (moto)
+
+# The documented runs: option -> value. "full" is the run the README's reliability table quotes. Sized from
+# short runs (--trials 5..40, --s3-trials 8..20, --fuzz-examples 300..1000, --import-examples 400..1500) in
+# CPU seconds, which do not depend on who else shares the machine: a local kill trial 0.22 s (+5 s to start),
+# an S3 kill trial 0.81 s (+14 s), a hypothesis example 0.0065 s (7.6 per --fuzz-examples), an import
+# mutation 0.012 s (+22 s for the catalog), a concurrency round 15 s, an S3 read fault 1.6 s (+9 s for the
+# memory:// ones), the other sections about 45 s. "full": about 1,220 CPU seconds, 22 to 27 minutes of wall
+# time on this machine (2 cores) with nobody else on it; 1,049 kill trials (930 local + 39 overwrite + 80
+# S3), about 105,000 fuzz examples (95,000 hypothesis over every target + 10,000 import mutations), about
+# 3,850 corrupt inputs and 2,500 concurrent loads.
+PRESETS: dict[str, dict[str, int]] = {
+    "full": {
+        "trials": 930,
+        "s3_trials": 80,
+        "fuzz_examples": 12500,
+        "import_examples": 10000,
+        "flips": 40,
+        "concurrency_rounds": 4,
+        "s3_reads": 40,
+    },
+}
 KINDS = ("checkpoints lost", "silent corruptions", "unexpected exceptions", "other broken promises")
 
 
@@ -45,6 +84,19 @@ class Tally:
     concurrent_not_found: int = 0
     findings: dict[str, list[str]] = field(default_factory=lambda: {k: [] for k in KINDS})
     seconds: dict[str, float] = field(default_factory=dict)
+    per_section: dict[str, dict[str, int]] = field(default_factory=dict)  # section -> what it added
+    cpu: dict[str, float] = field(default_factory=dict)  # section -> CPU seconds (see cpu_seconds)
+    skipped: list[str] = field(default_factory=list)
+
+    def counts(self) -> dict[str, int]:
+        return {
+            "trials": self.trials,
+            "faults": self.faults,
+            "corrupt inputs": self.corrupt_inputs,
+            "fuzz examples": self.fuzz_examples,
+            "concurrent loads": self.concurrent_loads,
+            "findings": sum(len(v) for v in self.findings.values()),
+        }
 
     def add(self, kind: str, where: str, items: list[str]) -> None:
         self.findings[kind] += [f"{where}: {item}" for item in items]
@@ -54,12 +106,34 @@ class Tally:
         return any(self.findings.values())
 
 
+def cpu_seconds() -> float:
+    """CPU time of this process, its reaped children, and the live fork server with the workers it reaped
+    (what the run costs a machine with nobody else on it, when its work runs one thing at a time)."""
+    t = os.times()
+    total = t.user + t.system + t.children_user + t.children_system
+    for server in faults.processes._SERVER:
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            with open(f"/proc/{server.proc.pid}/stat", encoding="ascii") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")  # utime stime cutime cstime
+    return total
+
+
+class SkipSection(Exception):
+    """A section that cannot run here (what it needs is not installed): reported, not a finding."""
+
+
 @contextlib.contextmanager
 def section(tally: Tally, name: str) -> Iterator[None]:
     start = time.monotonic()
+    cpu = cpu_seconds()
+    before = tally.counts()
     print(f"-- {name} ...", flush=True)
     try:
         yield
+    except SkipSection as e:
+        print(f"   skipped: {e}", flush=True)
+        tally.skipped.append(f"{name}: {e}")
     except Exception as e:  # a section that breaks is itself a finding; the run goes on
         tally.add(
             "unexpected exceptions",
@@ -67,6 +141,10 @@ def section(tally: Tally, name: str) -> Iterator[None]:
             [f"the section stopped: {type(e).__name__}: {e}\n{traceback.format_exc()[-1500:]}"],
         )
     tally.seconds[name] = time.monotonic() - start
+    tally.cpu[name] = cpu_seconds() - cpu
+    tally.per_section[name] = {k: v - before[k] for k, v in tally.counts().items()}
+    added = ", ".join(f"{v} {k}" for k, v in tally.per_section[name].items() if v)
+    print(f"   {tally.seconds[name]:.1f} s ({tally.cpu[name]:.1f} s CPU): {added or 'nothing counted'}", flush=True)
 
 
 def classify(problem: str) -> str:
@@ -223,6 +301,72 @@ def hostile_pipes(tally: Tally, work: Path) -> None:
             tally.add("unexpected exceptions", f"FIFO as {name}", [f"{type(e).__name__}: {e}"])
 
 
+def add_findings(tally: Tally, where: str, found: dict[str, list[str]]) -> None:
+    for kind, items in found.items():
+        tally.add(kind, where, items)
+
+
+def import_faults(tally: Tally, work: Path, examples: int, rng: random.Random) -> None:
+    """import_checkpoint fed every damaged or hostile source of the catalog (tests/faults/importers.py), then
+    ``examples`` random mutations (byte flips, insertions, truncations) of one file of a random source kind."""
+    for case in importers.catalog():
+        scratch = work / "case"
+        if scratch.exists():
+            shutil.rmtree(scratch)
+        scratch.mkdir(parents=True)
+        _, found = importers.run_import_case(case, scratch)
+        tally.corrupt_inputs += 1
+        add_findings(tally, f"import {case.name}", found)
+    pristine = importers.fuzz_sources(work / "pristine")
+    for i in range(examples):
+        kind, file, found = importers.fuzz_example(rng, pristine, work / "fuzz")
+        tally.fuzz_examples += 1
+        add_findings(tally, f"import fuzz example {i} ({kind}, {file} mutated)", found)
+
+
+def s3_crash(tally: Tally, work: Path, trials: int, rng: random.Random, s3: remote.S3) -> None:
+    """A process saving into an S3 root SIGKILLed before a random one of its S3 API calls, or after a random
+    delay (mid-request); roots are reused, so later trials save over what earlier kills left."""
+    server = faults.fork_server()
+    server.preload(remote.S3_MODULES)
+    started = time.monotonic()
+    calls = remote.s3_save_calls(server, s3, "count", 1, work / "count")
+    seconds = time.monotonic() - started
+    print(f"   a whole save makes {len(calls)} S3 calls in {seconds:.2f} s", flush=True)
+    roots = max(1, min(4, trials // 5))
+    for i in range(trials):
+        result = remote.s3_crash_trial(
+            server, s3, f"crash{i % roots}", rng, calls=len(calls), seconds=seconds, workdir=work / "worker"
+        )
+        tally.trials += 1
+        tally.faults += 1
+        where = f"s3 crash trial {i} ({result.mode}, loaded {result.loaded})"
+        tally.add("checkpoints lost", where, result.lost)
+        tally.add("silent corruptions", where, result.silent)
+        tally.add("unexpected exceptions", where, result.unexpected)
+        tally.add("other broken promises", where, result.other)
+
+
+def remote_reads(tally: Tally, rng: random.Random, s3: remote.S3 | None, s3_sample: int) -> None:
+    """Objects of the newest checkpoint truncated, replaced or deleted between listing and reading, and a
+    ``latest`` naming a step without a manifest: every case on ``memory://``, a sample of them on S3."""
+    backends: list[tuple[str, remote.S3 | None, list[tuple[str, str, str]]]] = [
+        ("memory", None, remote.read_fault_cases("memory"))
+    ]
+    if s3 is not None:
+        cases = remote.read_fault_cases("s3")
+        backends.append(("s3", s3, rng.sample(cases, min(s3_sample, len(cases)))))
+    for backend, server, cases in backends:
+        for i, (hook, file, mutation) in enumerate(cases):
+            found = remote.read_fault_problems(backend, server, hook, file, mutation, rng, f"read{i}")
+            tally.corrupt_inputs += 1
+            add_findings(tally, f"{backend} read fault", found)
+        for i, case in enumerate(remote.LATEST_CASES):
+            found = remote.latest_fault_problems(backend, server, case, f"latest{i}")
+            tally.corrupt_inputs += 1
+            add_findings(tally, f"{backend} latest fault", found)
+
+
 def fuzz(tally: Tally, work: Path, examples: int, rng: random.Random) -> None:
     for name in sorted(test_fuzz.TARGETS):
         n = examples // 5 if name in test_fuzz.SLOW else examples
@@ -248,6 +392,7 @@ def concurrency(tally: Tally, work: Path, rounds: int) -> None:
             "retention-2",
             "overwrite",
             "overwrite-no-verify",
+            "rewind",
         ):
             base = work / f"{scenario}-{r}"
             root, stop = base / "root", base / "stop"
@@ -262,6 +407,12 @@ def concurrency(tally: Tally, work: Path, rounds: int) -> None:
                 jobs = [
                     ["writer", str(root), "--name", w, "--steps", ",".join(map(str, range(1, 11)))] for w in ("A", "B")
                 ] + [[*reader, "--until-step", "10", "--check-latest"]]
+            elif scenario == "rewind":  # saves, retention and drop_after (branching back) racing two readers
+                jobs = [
+                    ["rewinder", str(root), "--steps", "20", "--rewind-every", "6", "--keep-last", "3"],
+                    [*reader],
+                    [*reader, "--no-verify"],
+                ]
             elif scenario.startswith("overwrite"):
                 faults.save_step(root, 5, "A")
                 flags = ["--no-verify"] if scenario.endswith("no-verify") else []
@@ -343,18 +494,30 @@ def grouped(items: list[str]) -> list[tuple[int, str]]:
     return [(len(g), g[0]) for g in groups.values()]
 
 
-def report(tally: Tally, seed: int, work: Path) -> None:
+def report(tally: Tally, seed: int, work: Path, args: argparse.Namespace | None = None) -> None:
     print()
     print(f"portable-ckpt stress run (seed {seed}, workdir {work})")
+    if args is not None:
+        options = (
+            "preset",
+            "trials",
+            "s3_trials",
+            "fuzz_examples",
+            "import_examples",
+            "flips",
+            "concurrency_rounds",
+            "s3_reads",
+        )
+        print("  " + ", ".join(f"{k.replace('_', '-')} {getattr(args, k)}" for k in options))
     rows = [
         (
             "trials run",
             tally.trials,
-            "a saving process SIGKILLed: at random moments, and before each call of an overwrite",
+            "a saving process SIGKILLed: at random moments (local and S3), and before each call of an overwrite",
         ),
         ("faults injected", tally.faults, "kills, failed I/O calls, file-size limits, concurrent rounds"),
         ("corrupt inputs tried", tally.corrupt_inputs, "damaged checkpoints loaded or validated"),
-        ("fuzz examples run", tally.fuzz_examples, "hypothesis examples over all targets"),
+        ("fuzz examples run", tally.fuzz_examples, "hypothesis examples over all targets, and import-source mutations"),
         (
             "concurrent loads",
             tally.concurrent_loads,
@@ -366,6 +529,14 @@ def report(tally: Tally, seed: int, work: Path) -> None:
     for label, value, note in rows:
         print(f"  {label:24} {value:>8}   {note}")
     print("  seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in tally.seconds.items()))
+    for skipped in tally.skipped:
+        print(f"  SKIPPED {skipped}")
+    print(f"  total: {sum(tally.seconds.values()):.0f} s, {sum(tally.cpu.values()):.0f} s CPU")
+    print("  per section (wall seconds, CPU seconds; what it counted, per wall second and per CPU second):")
+    for name, added in tally.per_section.items():
+        secs, cpu = max(tally.seconds[name], 1e-9), max(tally.cpu[name], 1e-9)
+        parts = [f"{v} {k} ({v / secs:.1f}/s, {v / cpu:.1f}/CPU s)" for k, v in added.items() if v and k != "findings"]
+        print(f"    {name:16} {tally.seconds[name]:7.1f} {tally.cpu[name]:7.1f}   {'; '.join(parts)}")
     for kind in KINDS:
         if tally.findings[kind]:
             groups = grouped(tally.findings[kind])
@@ -386,6 +557,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--flips", type=int, default=40, help="random byte flips per file, on top of the catalog")
     parser.add_argument("--concurrency-rounds", type=int, default=3)
+    parser.add_argument("--s3-trials", type=int, default=10, help="kill trials against the local S3 server")
+    parser.add_argument("--import-examples", type=int, default=1000, help="random mutations of import sources")
+    parser.add_argument("--s3-reads", type=int, default=6, help="read-fault cases tried on S3 (all on memory://)")
+    parser.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default=None,
+        help="a documented run: its values replace the defaults (an option given with another value than its "
+        "default still wins)",
+    )
     parser.add_argument("--seed", type=int, default=None, help="default: random (printed)")
     parser.add_argument("--workdir", type=Path, default=None, help="default: a temporary directory, removed")
     parser.add_argument(
@@ -396,10 +577,27 @@ def main(argv: list[str] | None = None) -> int:
         help="run these sections only (each draws from its own generator, so a seed reproduces)",
     )
     args = parser.parse_args(argv)
+    if args.preset is not None:
+        given = parser.parse_args(argv)
+        defaults = {a.dest: a.default for a in parser._actions}
+        for key, value in PRESETS[args.preset].items():
+            if getattr(given, key) == defaults[key]:  # not given explicitly
+                setattr(args, key, value)
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**32)
     work = args.workdir or Path(tempfile.mkdtemp(prefix="portable-ckpt-stress-"))
     work.mkdir(parents=True, exist_ok=True)
     tally = Tally()
+    stack = contextlib.ExitStack()
+    servers: list[remote.S3] = []
+
+    def s3() -> remote.S3:
+        missing = [m for m in ("s3fs", "moto") if importlib.util.find_spec(m) is None]
+        if missing:  # the s3 extra and moto[server] come with the dev extra
+            raise SkipSection(f"{', '.join(missing)} not installed (pip install -e '.[dev]')")
+        if not servers:
+            servers.append(stack.enter_context(remote.s3_server()))
+        return servers[0]
+
     try:
         runs = {
             "crash": lambda rng: crash_trials(tally, work / "crash", args.trials, rng),
@@ -408,7 +606,10 @@ def main(argv: list[str] | None = None) -> int:
             "storage-faults": lambda rng: storage_faults(tally, rng),
             "corruption": lambda rng: corruption(tally, work / "corruption", rng, args.flips),
             "pipes": lambda rng: hostile_pipes(tally, work / "pipes"),
+            "importers": lambda rng: import_faults(tally, work / "importers", args.import_examples, rng),
             "fuzz": lambda rng: fuzz(tally, work / "fuzz", args.fuzz_examples, rng),
+            "s3-crash": lambda rng: s3_crash(tally, work / "s3-crash", args.s3_trials, rng, s3()),
+            "remote-reads": lambda rng: remote_reads(tally, rng, s3() if args.s3_reads else None, args.s3_reads),
             "concurrency": lambda rng: concurrency(tally, work / "concurrency", args.concurrency_rounds),
         }
         for name in SECTIONS:
@@ -416,9 +617,10 @@ def main(argv: list[str] | None = None) -> int:
                 with section(tally, name):
                     runs[name](random.Random(f"{seed}-{name}"))
     finally:
+        stack.close()
         if args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)
-    report(tally, seed, work)
+    report(tally, seed, work, args)
     return 1 if tally.failed else 0
 
 

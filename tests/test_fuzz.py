@@ -2,6 +2,10 @@
 returns something that keeps the format's promises; it never raises anything else, hangs, or allocates
 in proportion to what a header claims rather than to what the file holds.
 
+Also here: objects of remote roots changed between listing and reading, and a ``latest`` naming a step
+without a manifest (tests/faults/remote.py), on ``memory://`` (a sample; the stress run tries them all,
+on S3 too), and regression tests of the library defects the stress run found.
+
 Targets: manifest.json (``_manifest.parse``), the other JSON documents (``_jsonio.loads`` +
 ``_schemas.validate``, and ``_quant.check_metadata`` behind them), safetensors headers
 (``_safetensors.parse_header``, arbitrary bytes and structured headers claiming huge sizes), legacy
@@ -18,13 +22,15 @@ import contextlib
 import io
 import json
 import math
+import random
 import shutil
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import faults
+import faults.remote
 import hypothesis
 import pytest
 import safetensors.torch
@@ -37,6 +43,7 @@ from portable_ckpt import state as _state
 from portable_ckpt.convert import format0 as _legacy
 from portable_ckpt.format import jsonio as _jsonio
 from portable_ckpt.format import manifest as _manifest
+from portable_ckpt.format import names
 from portable_ckpt.format import safetensors as _safetensors
 from portable_ckpt.format import schemas as _schemas
 from portable_ckpt.format import states as _states
@@ -298,9 +305,12 @@ def check_states_values(value: Any, workdir: Path) -> None:
     """Any value a state_dict() returns is encoded and decoded back equal (types kept), or refused at the call."""
     try:
         doc, tensors = _states.encode({"obj": _StateHolder(value)})
-        _schemas.validate(doc, "states", "states.json")
     except pc.CheckpointInputError:
         return
+    try:
+        _schemas.validate(doc, "states", "states.json")
+    except pc.CheckpointCorruptedError:
+        return  # save_checkpoint refuses it at the call, as CheckpointInputError (see test_empty_string_key_...)
     back = _states.decode(_jsonio.loads(_jsonio.dumps(doc), "states.json"), tensors, "states.json")
     assert _same(back["obj"]["state"], value), (value, back)
 
@@ -415,7 +425,60 @@ def check_checkpoint_optimizer(value: tuple[bytes, bool], workdir: Path) -> None
     _load_mutated(workdir, "optimizer.pt", *value)
 
 
-SLOW = {"checkpoint-model.safetensors", "checkpoint-optimizer.pt", "legacy-directory"}
+SHARDED = Path(__file__).resolve().parent.parent / "format_spec" / "vectors" / "valid-sharded"
+SHARDING_DOC = json.loads((SHARDED / "sharding.json").read_bytes())
+
+
+@target("sharding-table", st.one_of(mutated_doc(SHARDING_DOC), mutated_bytes(_jsonio.dumps(SHARDING_DOC))))
+def check_sharding_table(value: Any, workdir: Path) -> None:
+    """sharding.json parsed by itself: refused by name, or every tensor covered exactly by chunks in bounds."""
+    from portable_ckpt.format import sharding as _sharding
+
+    data = value if isinstance(value, bytes) else json.dumps(value).encode()
+    listed = json.loads((SHARDED / "manifest.json").read_bytes())["files"]
+    try:
+        table = _sharding.parse(data, "sharding.json", listed)
+    except pc.CheckpointError:
+        return
+    for e in table.entries.values():
+        if e.is_tensor:
+            assert sum(math.prod(c.sizes) for c in e.chunks) == math.prod(e.shape), e.name
+            for c in e.chunks:
+                assert c.file in listed and all(
+                    o + s <= n for o, s, n in zip(c.offsets, c.sizes, e.shape, strict=True)
+                ), c
+
+
+def _sharded_mutated(workdir: Path, name: str, data: bytes, recompute: bool) -> None:
+    """A sharded checkpoint with one file replaced (and, as an attacker would, re-checksummed)."""
+    copy = workdir / "sharded" / "step-00000009"
+    if copy.exists():
+        shutil.rmtree(copy)
+    shutil.copytree(SHARDED, copy)
+    (copy / name).write_bytes(data)
+    if recompute:
+        faults.recompute(copy)
+    for verify in (True, False):
+        try:
+            ckpt = pc.load_checkpoint(copy, verify=verify, restore_rng=False)
+        except pc.CheckpointError:
+            continue
+        if verify and not recompute:
+            assert data == (SHARDED / name).read_bytes(), "damage loaded with verify=True"
+        assert all(isinstance(t, torch.Tensor) for t in ckpt.model_state.values())
+
+
+@target(
+    "checkpoint-sharded",
+    st.sampled_from(
+        ["sharding.json", "model-00001-of-00002.safetensors", "optimizer-00000-of-00002.safetensors"]
+    ).flatmap(lambda name: st.tuples(st.just(name), mutated_bytes((SHARDED / name).read_bytes()), st.booleans())),
+)
+def check_checkpoint_sharded(value: tuple[str, bytes, bool], workdir: Path) -> None:
+    _sharded_mutated(workdir, *value)
+
+
+SLOW = {"checkpoint-model.safetensors", "checkpoint-optimizer.pt", "legacy-directory", "checkpoint-sharded"}
 
 
 def run_target(name: str, examples: int, workdir: Path, *, seed: int | None = None) -> None:
@@ -444,6 +507,15 @@ def run_target(name: str, examples: int, workdir: Path, *, seed: int | None = No
 @pytest.mark.parametrize("name", sorted(TARGETS))
 def test_fuzz(name: str, tmp_path: Path) -> None:
     run_target(name, EXAMPLES_SLOW if name in SLOW else EXAMPLES, tmp_path)
+
+
+def test_empty_string_key_round_trips(tmp_path: Path) -> None:
+    """Found by the states-values target (stress run): a dict with the key "" is a plain Python state."""
+    model = torch.nn.Linear(2, 2)
+    path = pc.save_checkpoint(model, None, {}, None, 1, tmp_path, states={"loader": _StateHolder({"": None})})
+    holder = _StateHolder(None)
+    pc.load_checkpoint(path, states={"loader": holder})
+    assert holder.state == {"": None}
 
 
 # --- explicit hostile headers: bounded time and memory ----------------------------------------------
@@ -497,3 +569,59 @@ def test_deeply_nested_json_is_refused_or_read(depth: int) -> None:
     ):
         with contextlib.suppress(pc.CheckpointError):
             parse()
+
+
+# --- remote roots: objects changed between listing and reading, a latest naming no manifest -----------
+# (tests/faults/remote.py; tests/stress.py --only remote-reads runs every case, on memory:// and on S3)
+
+_MEMORY_READS = faults.remote.read_fault_cases("memory")
+
+
+@pytest.mark.parametrize(
+    ("hook", "file", "mutation"),
+    _MEMORY_READS[::3],
+    ids=[f"{h}-{f}-{m}" for h, f, m in _MEMORY_READS[::3]],
+)
+def test_object_changed_between_listing_and_reading(hook: str, file: str, mutation: str) -> None:
+    with faults.deadline(60):
+        found = faults.remote.read_fault_problems("memory", None, hook, file, mutation, random.Random(0), "suite")
+    assert not any(found.values()), found
+
+
+@pytest.mark.parametrize("case", sorted(faults.remote.LATEST_CASES))
+def test_latest_naming_a_step_without_a_manifest(case: str) -> None:
+    with faults.deadline(60):
+        found = faults.remote.latest_fault_problems("memory", None, case, "suite")
+    assert not any(found.values()), found
+
+
+@contextlib.contextmanager
+def _s3() -> Iterator[Any]:
+    pytest.importorskip("s3fs", reason="the s3 extra is not installed")
+    pytest.importorskip("moto.server", reason="moto[server] is not installed")
+    with faults.remote.s3_server() as s3:
+        yield s3
+
+
+def test_an_empty_latest_on_s3_falls_back_to_the_scan() -> None:
+    with faults.deadline(120), _s3() as s3:
+        found = faults.remote.latest_fault_problems("s3", s3, "latest is empty", "suite")
+    assert not any(found.values()), found
+
+
+def test_an_object_emptied_before_its_first_read_on_s3_is_named() -> None:
+    with faults.deadline(120), _s3() as s3:
+        found = faults.remote.read_fault_problems(
+            "s3", s3, "first-read", names.RNG_JSON, "truncated to 0 bytes", random.Random(0), "suite"
+        )
+    assert not any(found.values()), found
+
+
+def test_a_zip_version_zipfile_cannot_read_is_refused(tmp_path: Path) -> None:
+    ckdir = faults.save_step(tmp_path / "root", 3)
+    data = bytearray((ckdir / "optimizer.pt").read_bytes())
+    struct.pack_into("<H", data, data.find(b"PK\x01\x02") + 6, 246)
+    (ckdir / "optimizer.pt").write_bytes(bytes(data))
+    faults.recompute(ckdir)
+    with pytest.raises(pc.CheckpointCorruptedError, match=r"optimizer\.pt"):
+        pc.load_checkpoint(ckdir, restore_rng=False)

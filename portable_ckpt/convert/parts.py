@@ -64,6 +64,9 @@ class Parts:
         if not isinstance(state, dict):
             self.skip(entry, f"a {type(state).__name__}, expected a {slot} state_dict (a dict)")
             return
+        if slot == "optimizer" and not {"state", "param_groups"} <= set(state):
+            self.skip(entry, "an optimizer state_dict needs 'state' and 'param_groups' (what saves must load)")
+            return
         try:
             _pt.check_state(state, slot)
         except CheckpointInputError as e:
@@ -75,9 +78,12 @@ class Parts:
     def set_step(self, value: Any, entry: str) -> None:
         try:
             self.step = _save.as_step(value)
+            if self.step >= _jsonio.INT_END:
+                raise CheckpointInputError(entry)
         except CheckpointInputError:
             raise CheckpointCorruptedError(
-                f"{self.label}: {entry} is {value!r}, expected the step as an integer >= 0", file=self.label
+                f"{self.label}: {entry} is {str(value)[:40]}, expected the step as an integer in [0, 2**64)",
+                file=self.label,
             ) from None
         self.carry(entry, f"step {self.step}")
 
@@ -91,14 +97,17 @@ class Parts:
         self.carry(entry, f"{where}[{key!r}]")
 
 
-def plain(value: Any) -> Any:
-    """``value`` with each 0-d real tensor replaced by the Python number equal to it (exact)."""
+def plain(value: Any, depth: int = 0) -> Any:
+    """``value`` with each 0-d real tensor replaced by the Python number equal to it (exact). Containers
+    deeper than JSON's limit are left as they are (``to_json_value`` then refuses them by name)."""
     if isinstance(value, torch.Tensor) and value.dim() == 0 and not value.is_complex():
         return value.item()
+    if depth > _jsonio.MAX_DEPTH:
+        return value
     if isinstance(value, dict):
-        return {k: plain(v) for k, v in value.items()}
+        return {k: plain(v, depth + 1) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [plain(v) for v in value]
+        return [plain(v, depth + 1) for v in value]
     return value
 
 

@@ -92,7 +92,8 @@ def _rng_pickle(raw: bytes, label: str) -> bytes:
             pickles = [i for i in z.infolist() if i.filename.endswith("/data.pkl") and i.filename.count("/") == 1]
             if len(pickles) == 1 and pickles[0].file_size <= _pt.MAX_PICKLE_BYTES:
                 return z.read(pickles[0])
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, ValueError, OSError) as e:
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, ValueError, OSError, NotImplementedError) as e:
+        # NotImplementedError: a zip feature zipfile cannot read (a newer "version needed to extract")
         raise CheckpointCorruptedError(f"{label}: not a readable torch.save file: {str(e)[:200]}", file=label) from None
     raise CheckpointCorruptedError(f"{label}: not a torch.save archive (expected one <name>/data.pkl)", file=label)
 

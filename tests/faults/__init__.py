@@ -14,6 +14,11 @@
 - :mod:`faults.crash`: crash trials (SIGKILL of a saving child) and the checks of the root afterwards;
 - :mod:`faults.storage`: the n-th operation of a save failed through the in-memory storage backend, under
   either commit strategy;
+- :mod:`faults.importers`: every source kind ``import_checkpoint`` reads, built valid, then damaged or made
+  hostile (truncated zips, wrong pickles, path tricks inside the zip, symlinks out of a Trainer folder, a
+  sharded index naming a missing shard, a damaged ``trainer_state.json``), and random mutations of them;
+- :mod:`faults.remote`: kill trials against a local S3 server (moto), objects of ``memory://`` and S3
+  roots changed between listing and reading, a ``latest`` naming a step without a manifest;
 - :mod:`faults.roles` and :mod:`faults.processes`: the child processes (``python tests/faults ROLE ...``)
   of the crash, disk-full and concurrency tests, forked by one fork server.
 

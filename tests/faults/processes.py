@@ -29,7 +29,9 @@ from faults.roles import (
     crash_writer,
     role_kill_writer,
     role_reader,
+    role_rewinder,
     role_rlimit_writer,
+    role_s3_writer,
     role_writer,
     say,
 )
@@ -134,6 +136,11 @@ class ForkServer:
         status: int = self._expect("status")
         return status
 
+    def preload(self, modules: Sequence[str]) -> None:
+        """Import ``modules`` in the server, so that every worker forked after inherits them."""
+        self._send({"preload": list(modules)})
+        self._expect("preloaded")
+
     def kill(self) -> None:
         """SIGKILL the server and every worker it forked (they share its process group)."""
         with contextlib.suppress(ProcessLookupError):
@@ -222,6 +229,10 @@ def role_fork_server(args: argparse.Namespace) -> None:
         request = json.loads(line)
         if "jobs" in request:
             say(f"statuses {json.dumps(_fork_jobs(request))}")
+        elif "preload" in request:  # modules a kind of worker needs, imported once (no threads start)
+            for module in request["preload"]:
+                __import__(module)
+            say("preloaded")
         elif "wait" in request:
             say(f"status {os.waitstatus_to_exitcode(os.waitpid(request['wait'], 0)[1])}")
         else:
@@ -254,6 +265,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--kill-op", type=int, required=True)
     p.set_defaults(run=role_kill_writer)
+    p = sub.add_parser("s3-writer")
+    p.add_argument("root")
+    p.add_argument("--endpoint", required=True)
+    p.add_argument("--step", type=int, required=True)
+    p.add_argument("--kill-op", type=int, default=0)
+    p.add_argument("--kill-after", type=float, default=0.0)
+    p.add_argument("--block-size", type=int, default=5 << 20)
+    p.set_defaults(run=role_s3_writer)
+    p = sub.add_parser("rewinder")
+    p.add_argument("root")
+    p.add_argument("--steps", type=int, required=True)
+    p.add_argument("--rewind-every", type=int, default=6)
+    p.add_argument("--keep-last", type=int, default=0)
+    p.set_defaults(run=role_rewinder)
     p = sub.add_parser("reader")
     p.add_argument("root")
     p.add_argument("--until-step", type=int, default=None)

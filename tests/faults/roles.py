@@ -122,6 +122,78 @@ def role_kill_writer(args: argparse.Namespace) -> None:
     say(json.dumps(inj.calls))
 
 
+def role_s3_writer(args: argparse.Namespace) -> None:
+    """Saves one step into an S3 root through CheckpointManager(keep_last=2), SIGKILLing itself just before
+    its ``--kill-op``-th S3 API call (0: never), or ``--kill-after`` seconds after it began (a moment inside
+    any request: mid-upload); prints the API calls it made (one JSON list) if it lives to the end."""
+    import threading
+
+    import aiobotocore.client
+
+    from portable_ckpt.storage import FsspecStorage
+
+    calls: list[str] = []
+    real = aiobotocore.client.AioBaseClient._make_api_call
+
+    async def counted(self: Any, operation_name: str, api_params: Any) -> Any:
+        calls.append(operation_name)
+        if len(calls) == args.kill_op:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return await real(self, operation_name, api_params)
+
+    setattr(aiobotocore.client.AioBaseClient, "_make_api_call", counted)  # noqa: B010 -- a patch, in this process only
+    options = {
+        "endpoint_url": args.endpoint,
+        "key": "testing",
+        "secret": "testing",
+        "skip_instance_cache": True,
+        "config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 5, "read_timeout": 30},
+    }
+    root = FsspecStorage.from_location(args.root, storage_options=options, block_size=args.block_size)
+    if args.kill_after > 0:
+        timer = threading.Timer(args.kill_after, lambda: os.kill(os.getpid(), signal.SIGKILL))
+        timer.daemon = True
+        timer.start()
+    manager = pc.CheckpointManager(root, keep_last=2)
+    save_step(manager, args.step)
+    manager.close()
+    say(json.dumps(calls))
+
+
+def role_rewinder(args: argparse.Namespace) -> None:
+    """Saves steps 1..--steps through a manager with retention, and every ``--rewind-every`` steps drops the
+    newest half of them (``drop_after``) and saves them again: readers race saves, retention and rewinds."""
+    root = Path(args.root)
+    manager = pc.CheckpointManager(root, keep_last=args.keep_last or None)
+    wait_for_go()
+    step, saved = 1, 0
+    while step <= args.steps:
+        try:
+            save_step(manager, step)
+            say(json.dumps({"step": step, "outcome": "saved"}))
+        except pc.CheckpointError as e:
+            say(json.dumps({"step": step, "outcome": type(e).__name__, "message": str(e)}))
+        except Exception as e:  # reported to the parent, which fails the test
+            say(
+                json.dumps(
+                    {
+                        "step": step,
+                        "outcome": f"unexpected {type(e).__module__}.{type(e).__qualname__}",
+                        "message": str(e),
+                    }
+                )
+            )
+        saved += 1
+        if saved % args.rewind_every == 0 and saved < 3 * args.steps:
+            back = max(0, step - args.rewind_every // 2)
+            manager.drop_after(back)
+            step = back + 1
+        else:
+            step += 1
+    manager.close()
+    say("done")
+
+
 def role_reader(args: argparse.Namespace) -> None:
     """Loads ``root`` (a root, or one checkpoint) in a loop until it sees ``--until-step`` or the stop file
     appears; prints counts: complete loads, CheckpointNotFoundError, and everything else ("bad")."""
