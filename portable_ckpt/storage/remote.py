@@ -121,6 +121,15 @@ def _foreign(scheme: str) -> tuple[type[BaseException], ...]:
         return ()
 
 
+def _lost_race(url: str) -> CheckpointExistsError:
+    """A create-only manifest refused: another writer's object arrived first (§11.2)."""
+    return CheckpointExistsError(
+        f"{url}: another writer committed this step first; its checkpoint is left as it is "
+        "(writers must not save the same step of one root concurrently)",
+        file=url,
+    )
+
+
 def unsatisfiable(e: OSError) -> bool:
     """The store's 416 for a range beyond the object's end (it shrank, or is empty): a short read, not a failure."""
     return e.errno == errno.EINVAL and "range" in str(e).lower()
@@ -586,11 +595,7 @@ class FsspecWriter:
         except FileExistsError:  # create-only: another writer's object arrived first
             self.discard()
             self.lost = True
-            raise CheckpointExistsError(
-                f"{self.url}: another writer committed this step first; its checkpoint is left as it is "
-                "(writers must not save the same step of one root concurrently)",
-                file=self.url,
-            ) from None
+            raise _lost_race(self.url) from None
         except BaseException:
             self.discard()
             raise
@@ -679,11 +684,7 @@ class S3Writer:
         except FileExistsError:  # create-only: another writer's object arrived first
             self.discard()
             self.lost = True
-            raise CheckpointExistsError(
-                f"{self.url}: another writer committed this step first; its checkpoint is left as it is "
-                "(writers must not save the same step of one root concurrently)",
-                file=self.url,
-            ) from None
+            raise _lost_race(self.url) from None
         except BaseException:
             self.discard()
             raise
