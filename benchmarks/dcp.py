@@ -114,7 +114,7 @@ def _timed(fn: Any) -> tuple[float, int]:
 def _save_job(rank: int, world: int, port: int, size_mib: float, reps: int, work: str, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=600))
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
     try:
         model, opt = _sharded(size_mib)
         shard = sum(p.to_local().numel() * 4 * 3 for p in model.parameters())  # params + two moments
@@ -205,22 +205,40 @@ def _ratio(rows: list[dict[str, Any]], a: str, b: str) -> dict[str, float]:
     }
 
 
+JOB_SECONDS = 900.0  # a job's deadline: its processes are killed after it, whatever they are doing
+
+
+def _bounded(targets: list[tuple[Any, tuple[Any, ...]]], what: str) -> None:
+    """Run each (function, args) in a spawned process; wait at most JOB_SECONDS, then kill what is left."""
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=fn, args=args, daemon=True) for fn, args in targets]
+    for p in procs:
+        p.start()
+    end = time.monotonic() + JOB_SECONDS
+    try:
+        for p in procs:
+            p.join(timeout=max(0.0, end - time.monotonic()))
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join()
+    codes = [p.exitcode for p in procs]
+    if any(code != 0 for code in codes):
+        raise RuntimeError(f"{what} failed or ran past {JOB_SECONDS:.0f} s (exit codes {codes})")
+
+
 def run(size_mib: float, reps: int) -> dict[str, Any]:
     import warnings
 
     warnings.filterwarnings("ignore")
     with tempfile.TemporaryDirectory(prefix="pc-bench-dcp-") as work:
         out = f"{work}/save.json"
-        mp.spawn(_save_job, args=(2, _free_port(), size_mib, reps, work, out), nprocs=2, join=True)
+        port = _free_port()
+        _bounded([(_save_job, (rank, 2, port, size_mib, reps, work, out)) for rank in range(2)], "the save job")
         rows = json.loads(Path(out).read_text())
         reshard_out = f"{work}/reshard.json"
-        ctx = mp.get_context("spawn")
-        proc = ctx.Process(target=_reshard_job, args=(size_mib, reps, work, reps - 1, reshard_out))
-        proc.start()
-        proc.join(timeout=900)
-        if proc.exitcode != 0:
-            proc.kill()
-            raise RuntimeError(f"the resharding job failed (exit code {proc.exitcode})")
+        _bounded([(_reshard_job, (size_mib, reps, work, reps - 1, reshard_out))], "the resharding job")
         reshard = json.loads(Path(reshard_out).read_text())
     shard = rows[0]["shard_bytes"]
     return {
