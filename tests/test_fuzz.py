@@ -551,6 +551,29 @@ def test_header_with_many_huge_dimensions_is_refused_quickly() -> None:
         _safetensors.parse_header(prefix, len(prefix) + 4, "fuzz.safetensors")
 
 
+_JSON_LEAVES = st.one_of(
+    st.none(), st.booleans(), st.integers(-(2**63), 2**63 - 1), st.text(alphabet='ab"\\[]{}\u00e9\n', max_size=6)
+)
+_JSON_VALUES = st.recursive(
+    _JSON_LEAVES,
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(alphabet='k"[}\\', max_size=3), inner, max_size=3)
+    ),
+    max_leaves=80,
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(doc=_JSON_VALUES, limit=st.integers(0, 70), ascii_only=st.booleans())
+def test_nesting_found_from_the_bytes_equals_the_walk(doc: Any, limit: int, ascii_only: bool) -> None:
+    """The loader's byte-level nesting check (strings dropped, innermost pairs removed level by level) says
+    what walking the parsed value says, for strings full of brackets, quotes and escapes."""
+    data = json.dumps(doc, ensure_ascii=ascii_only).encode()
+    assert _jsonio.nests_deeper(data, limit) == (_jsonio.depth(doc) > limit)
+    deep = b"[" * (limit + 1) + b"]" * (limit + 1)
+    assert _jsonio.nests_deeper(deep, limit) and not _jsonio.nests_deeper(deep[1:-1], limit)
+
+
 @pytest.mark.parametrize("depth", [100, 900, 990, 1000, 1100, 5000, 200_000])
 def test_deeply_nested_json_is_refused_or_read(depth: int) -> None:
     """Nesting around Python's recursion limit, in a manifest's `extra` (where the schema allows any

@@ -92,6 +92,23 @@ def depth(doc: Any) -> int:
     return deepest
 
 
+_STRING = re.compile(rb'"(?:[^"\\]++|\\.)*+"', re.DOTALL)  # a JSON string literal, escapes included
+_EMPTY_PAIR = re.compile(rb"\[\]|\{\}")
+_NOT_BRACKET = bytes(b for b in range(256) if b not in b"[]{}")
+
+
+def nests_deeper(data: bytes, limit: int) -> bool:
+    """Whether the valid JSON text ``data`` nests arrays and objects deeper than ``limit``, found from its
+    bytes at C speed: drop the strings, keep the brackets, then remove the innermost empty pairs, one level
+    per pass (``depth(doc)`` walks every value in Python: 10,000 tensors' header cost it 30 ms)."""
+    brackets = _STRING.sub(b"", data).translate(None, _NOT_BRACKET)
+    for _ in range(limit):
+        if not brackets:
+            return False
+        brackets = _EMPTY_PAIR.sub(b"", brackets)
+    return bool(brackets)
+
+
 def reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
@@ -158,7 +175,7 @@ def loads(data: bytes, filename: str) -> Any:
     except (ValueError, RecursionError) as e:
         raise CheckpointCorruptedError(f"{filename}: invalid JSON: {e}", file=filename) from None
     # cheap first: fewer brackets than the limit cannot nest deeper than it
-    if data.count(b"[") + data.count(b"{") > MAX_DEPTH and depth(doc) > MAX_DEPTH:
+    if data.count(b"[") + data.count(b"{") > MAX_DEPTH and nests_deeper(data, MAX_DEPTH):
         raise CheckpointCorruptedError(
             f"{filename}: invalid JSON: arrays and objects nest deeper than the limit of {MAX_DEPTH}", file=filename
         )
