@@ -611,14 +611,14 @@ def invalid_tensor_table() -> None:
     )
 
 
-def invalid_version_3() -> None:
-    d = checkpoint("invalid-format-version-3")
-    edit_manifest(d, lambda m: m.update(format_version=3))
+def invalid_version_4() -> None:
+    d = checkpoint("invalid-format-version-4")
+    edit_manifest(d, lambda m: m.update(format_version=4))
     record(
-        "invalid-format-version-3",
-        "format_version 3 (re-sealed)",
+        "invalid-format-version-4",
+        "format_version 4 (re-sealed)",
         error="UnsupportedFormatVersionError",
-        message="format_version 3 is newer",
+        message="format_version 4 is newer",
     )
 
 
@@ -1388,6 +1388,170 @@ def invalid_sharded_tensor_list() -> None:
     )
 
 
+# --------------------------------------------------------------------------------------------------
+# incremental vectors (format_version 3, §21): the model state in frozen and trainable model parts
+# --------------------------------------------------------------------------------------------------
+
+INCREMENTAL_STEP = 11
+
+
+def part_name(i: int, n: int) -> str:
+    return f"model-{i:05d}-of-{n:05d}.safetensors"
+
+
+def valid_incremental() -> None:
+    model, opt = trained("adamw")
+    model.emb.weight.requires_grad_(False)  # frozen after training (and with it the tied head): a frozen part
+    with tempfile.TemporaryDirectory() as tmp:
+        path = save(Path(tmp), model, opt, step=INCREMENTAL_STEP, incremental=True, part_bytes=64)
+        shutil.move(str(path), VECTORS / "valid-incremental")
+    doc = read_manifest(VECTORS / "valid-incremental")
+    assert doc["format_version"] == 3 and doc["aliases"] == {"head.weight": "emb.weight"}
+    parts = {n: sorted(e["tensors"]) for n, e in doc["files"].items() if n.startswith("model-")}
+    assert parts == {
+        part_name(0, 3): ["emb.weight"],
+        part_name(1, 3): ["lin.bias"],  # the reference packs each kind in the order of the names
+        part_name(2, 3): ["lin.weight"],
+    }, parts
+    record(
+        "valid-incremental",
+        "format_version 3: TinyLM (head tied to the embedding, which is frozen), AdamW, saved incrementally with "
+        "part_bytes 64: the frozen part model-00000-of-00003 (emb.weight), then the trainable parts "
+        "model-00001-of-00003 (lin.bias) and model-00002-of-00003 (lin.weight); head.weight an alias",
+        step=INCREMENTAL_STEP,
+    )
+
+
+def valid_incremental_quantized() -> None:
+    from portable_ckpt import quantize
+
+    seed(0)
+    model = quantize(nn.Sequential(nn.Linear(8, 4)), bits=4, group_size=4, mode="lora", lora_rank=2)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(2):  # the adapters move away from their initial (zero) lora_B
+        opt.zero_grad()
+        model(torch.randn(3, 8, generator=g)).square().mean().backward()
+        opt.step()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = save(Path(tmp), model, None, step=INCREMENTAL_STEP, vocab=None, incremental=True, part_bytes=48)
+        shutil.move(str(path), VECTORS / "valid-incremental-quantized")
+    doc = read_manifest(VECTORS / "valid-incremental-quantized")
+    assert doc["format_version"] == 3 and doc["quantization"]["bits"] == 4
+    parts = [sorted(e["tensors"]) for n, e in sorted(doc["files"].items()) if n.startswith("model-")]
+    assert len(parts) >= 3 and "0.weight_packed" in parts[0] and "0.lora_A" in parts[-2] + parts[-1], parts
+    record(
+        "valid-incremental-quantized",
+        f"format_version 3: an int4 LoRA model (group size 4, rank 2), saved incrementally with part_bytes 48: "
+        f"{len(parts)} parts, the frozen packed weights, shape and scales first, then the trainable adapters and "
+        "bias; quantization_metadata.json describes the union of the parts",
+        step=INCREMENTAL_STEP,
+    )
+
+
+def _incremental(name: str) -> Path:
+    """A copy of valid-incremental without its optimizer.pt (these vectors test the model parts), for a defect."""
+    dst = VECTORS / name
+    shutil.copytree(VECTORS / "valid-incremental", dst)
+    (dst / "optimizer.pt").unlink()
+    edit_manifest(dst, lambda m: m["files"].pop("optimizer.pt"))
+    return dst
+
+
+def invalid_incremental_no_part() -> None:
+    from safetensors.torch import load_file
+
+    d = _incremental("invalid-incremental-no-part")
+    union: dict[str, torch.Tensor] = {}
+    for i in range(3):
+        union.update(load_file(d / part_name(i, 3)))
+        (d / part_name(i, 3)).unlink()
+    with open(d / "model.safetensors", "wb") as f:
+        _safetensors.write(f, union)
+
+    def change(m: dict[str, Any]) -> None:
+        for i in range(3):
+            m["files"].pop(part_name(i, 3))
+        m["files"]["model.safetensors"] = {"size": 0, "checksum": "0" * 32, "tensors": {}}
+
+    edit_manifest(d, change)
+    reseal(d)
+    record(
+        "invalid-incremental-no-part",
+        "format_version 3 whose model parts are merged into one model.safetensors (listed with its tensors, "
+        "re-sealed): it lists no model part, and model.safetensors is an unknown file in version 3",
+        error=CORRUPTED,
+        message="lists no model part",
+    )
+
+
+def invalid_incremental_missing_part() -> None:
+    d = _incremental("invalid-incremental-missing-part")
+    edit_manifest(d, lambda m: m["files"].pop(part_name(1, 3)))
+    record(
+        "invalid-incremental-missing-part",
+        "model-00001-of-00003.safetensors is no longer listed (the file is still there; re-sealed): a part of "
+        "0 .. n-1 is missing",
+        error=CORRUPTED,
+        message="model part 1 of 3 (model-00001-of-00003.safetensors) is not listed",
+    )
+
+
+def invalid_incremental_count_mismatch() -> None:
+    d = _incremental("invalid-incremental-count-mismatch")
+    (d / part_name(2, 3)).rename(d / part_name(2, 4))
+    edit_manifest(d, lambda m: m["files"].update({part_name(2, 4): m["files"].pop(part_name(2, 3))}))
+    record(
+        "invalid-incremental-count-mismatch",
+        "the last part renamed model-00002-of-00004.safetensors (re-sealed): the parts disagree on their count",
+        error=CORRUPTED,
+        message="the model parts disagree on their number",
+    )
+
+
+def invalid_incremental_duplicate_tensor() -> None:
+    from safetensors.torch import load_file
+
+    d = _incremental("invalid-incremental-duplicate-tensor")
+    tensors = load_file(d / part_name(1, 3))
+    tensors.update(load_file(d / part_name(2, 3)))  # lin.weight, also in part 2
+    (d / part_name(1, 3)).unlink()
+    with open(d / part_name(1, 3), "wb") as f:
+        _safetensors.write(f, tensors)
+    reseal(d)
+    record(
+        "invalid-incremental-duplicate-tensor",
+        "model-00001-of-00003.safetensors also holds lin.weight, the tensor of model-00002-of-00003 (its tensor "
+        "table too; checksums recomputed): a tensor name in two parts",
+        error=CORRUPTED,
+        message="is held by two model parts",
+    )
+
+
+def invalid_incremental_no_tensor_table() -> None:
+    d = _incremental("invalid-incremental-no-tensor-table")
+    edit_manifest(d, lambda m: m["files"][part_name(0, 3)].pop("tensors"))
+    record(
+        "invalid-incremental-no-tensor-table",
+        "the manifest's entry of model-00000-of-00003.safetensors has no tensors (re-sealed): per-tensor "
+        "checksums are Mandatory for model parts",
+        error=CORRUPTED,
+        message="a model part's entry must carry per-tensor checksums",
+    )
+
+
+def invalid_incremental_flipped_part_byte() -> None:
+    d = _incremental("invalid-incremental-flipped-part-byte")
+    path = d / part_name(0, 3)
+    flip(path, header_entries(path.read_bytes())[0][1] + 1)
+    record(
+        "invalid-incremental-flipped-part-byte",
+        "one bit of emb.weight's data in the frozen part model-00000-of-00003.safetensors flipped (not re-sealed)",
+        error=CORRUPTED,
+        message="checksum mismatch",
+    )
+
+
 GENERATORS: list[Callable[[], None]] = [
     valid_full,
     valid_tied,
@@ -1411,7 +1575,7 @@ GENERATORS: list[Callable[[], None]] = [
     invalid_header_too_large,
     invalid_duplicate_header_key,
     invalid_tensor_table,
-    invalid_version_3,
+    invalid_version_4,
     invalid_quantized_without_metadata,
     valid_symlinked_file,
     invalid_dangling_symlink,
@@ -1463,6 +1627,14 @@ GENERATORS: list[Callable[[], None]] = [
     invalid_sharded_missing_shard,
     invalid_sharded_flipped_chunk_byte,
     invalid_sharded_tensor_list,
+    valid_incremental,
+    valid_incremental_quantized,
+    invalid_incremental_no_part,
+    invalid_incremental_missing_part,
+    invalid_incremental_count_mismatch,
+    invalid_incremental_duplicate_tensor,
+    invalid_incremental_no_tensor_table,
+    invalid_incremental_flipped_part_byte,
 ]
 
 

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from portable_ckpt.files import CheckpointFiles
+from portable_ckpt.format import layout as _layout
 from portable_ckpt.format import names
 from portable_ckpt.reader import CheckpointReader, open_checkpoint
 from portable_ckpt.storage import storage_for
@@ -159,6 +160,8 @@ def _value_difference(a: torch.Tensor, b: torch.Tensor) -> tuple[int, float]:
 def _files(a: dict[str, Any], b: dict[str, Any]) -> tuple[FileChange, ...]:
     out = []
     for name in sorted((set(a) | set(b)) - _DETAILED):
+        if _layout.PART.fullmatch(name):  # model parts (format_version 3): compared tensor by tensor
+            continue
         if name not in b:
             out.append(FileChange(name, "removed"))
         elif name not in a:

@@ -23,6 +23,7 @@ from portable_ckpt.errors import (
     UnsupportedFormatVersionError,
 )
 from portable_ckpt.format import jsonio as _jsonio
+from portable_ckpt.format import layout as _layout
 from portable_ckpt.format import manifest as _manifest
 from portable_ckpt.format import names
 from portable_ckpt.format import pt as _pt
@@ -63,6 +64,15 @@ class CheckpointFiles:
             self.dir.close()
             raise
         self.entries: dict[str, dict[str, Any]] = self.manifest["files"]
+        self._model_files: list[str] | None = None
+
+    @property
+    def model_files(self) -> list[str]:
+        """The files holding the model state: ``model.safetensors``, or the model parts (format_version 3,
+        checked as §21.1 says) in part order."""
+        if self._model_files is None:
+            self._model_files = _layout.model_files(self.manifest, self.label(names.MANIFEST))
+        return self._model_files
 
     def close(self) -> None:
         self.dir.close()
@@ -185,17 +195,47 @@ class CheckpointFiles:
             return _pt.load(io.BytesIO(f.read()), self.label(name), map_location, mmap=False)
 
 
-def check_tensor_table(files: CheckpointFiles, header: _safetensors.Header) -> None:
-    """The manifest's per-tensor checksum table names exactly the tensors of model.safetensors."""
-    listed = files.entries[names.MODEL].get("tensors")
+def check_tensor_table(files: CheckpointFiles, header: _safetensors.Header, name: str = names.MODEL) -> None:
+    """The manifest's per-tensor checksum table names exactly the tensors of a model file."""
+    listed = files.entries[name].get("tensors")
     if listed is not None and set(listed) != set(header.names()):
         missing = sorted(set(listed) - set(header.names()))
         unlisted = sorted(set(header.names()) - set(listed))
         raise CheckpointCorruptedError(
-            f"{files.label(names.MODEL)}: tensors disagree with the manifest: "
+            f"{files.label(name)}: tensors disagree with the manifest: "
             f"listed but absent {missing[:10]}, present but unlisted {unlisted[:10]}",
-            file=files.label(names.MODEL),
+            file=files.label(name),
         )
+
+
+@contextlib.contextmanager
+def model_headers(files: CheckpointFiles) -> Iterator[list[tuple[str, ReadFile, _safetensors.Header, bytes]]]:
+    """Every model file opened, its header read and checked against its tensor table: (name, file,
+    header, raw header bytes) in part order. The files stay open for the block."""
+    opened: list[tuple[str, ReadFile, _safetensors.Header, bytes]] = []
+    try:
+        for name in files.model_files:
+            f = files.open(name)
+            try:
+                header, raw = files.read_header(f, name)
+                check_tensor_table(files, header, name)
+            except BaseException:
+                f.close()
+                raise
+            opened.append((name, f, header, raw))
+        yield opened
+    finally:
+        for _, f, _, _ in opened:
+            f.close()
+
+
+def merged_header(parts: list[tuple[str, ReadFile, _safetensors.Header, bytes]]) -> _safetensors.Header:
+    """One header listing the tensors of every model file (for the checks on the whole model state)."""
+    if len(parts) == 1:
+        return parts[0][2]
+    return _safetensors.Header(
+        entries=tuple(e for _, _, header, _ in parts for e in header.entries), metadata={}, data_start=0
+    )
 
 
 def check_aliases(stored: set[str] | frozenset[str], aliases: Mapping[str, str], filename: str) -> None:

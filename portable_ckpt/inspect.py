@@ -9,7 +9,7 @@ from typing import Any
 
 from portable_ckpt.convert import format0 as _legacy
 from portable_ckpt.errors import CheckpointError
-from portable_ckpt.files import CheckpointFiles, read_quantization
+from portable_ckpt.files import CheckpointFiles, merged_header, model_headers, read_quantization
 from portable_ckpt.format import names
 from portable_ckpt.format import safetensors as _safetensors
 from portable_ckpt.format import sharding as _sharding
@@ -139,13 +139,14 @@ def _describe(directory: Storage) -> CheckpointInfo:
         manifest = files.manifest
         if is_sharded(manifest):
             return _describe_sharded(files)
-        with files.opened(names.MODEL) as f:
-            header, _ = files.read_header(f, names.MODEL)
+        with model_headers(files) as parts:
+            header = merged_header(parts)
         quant = None
         if manifest.get("quantization") is not None:
             meta = read_quantization(files, manifest, header)
             if meta is not None:
                 quant = {**manifest["quantization"], **_quant_sizes(meta, header)}
+        model_files = files.model_files
     return CheckpointInfo(
         path=display(directory),
         format_version=manifest["format_version"],
@@ -159,7 +160,7 @@ def _describe(directory: Storage) -> CheckpointInfo:
         aliases=dict(manifest.get("aliases", {})),
         rng=tuple(manifest.get("rng", [])),
         quantization=quant,
-        unknown_files=tuple(sorted(set(manifest["files"]) - names.KNOWN_FILES)),
+        unknown_files=tuple(sorted(set(manifest["files"]) - (names.KNOWN_FILES - {names.MODEL}) - set(model_files))),
     )
 
 

@@ -25,7 +25,8 @@ from portable_ckpt.errors import (
 from portable_ckpt.files import (
     CheckpointFiles,
     check_aliases,
-    check_tensor_table,
+    merged_header,
+    model_headers,
     read_quantization,
     with_aliases,
 )
@@ -97,9 +98,8 @@ def prepare_model(path: str | os.PathLike[str] | Storage, model: nn.Module) -> n
         manifest = files.manifest
         if manifest.get("quantization") is None:
             return model
-        with files.opened(names.MODEL) as f:
-            header, _ = files.read_header(f, names.MODEL)
-        quant = read_quantization(files, manifest, header)
+        with model_headers(files) as parts:
+            quant = read_quantization(files, manifest, merged_header(parts))
     if quant is not None:
         _quant.apply_quantization(model, quant)
     return model
@@ -212,7 +212,7 @@ def _read(
         names.OPTIMIZER,
         names.SCHEDULER,
         names.SCALER,
-        names.MODEL,
+        *files.model_files,
         names.STATES_JSON,
         names.STATES_TENSORS,
     }
@@ -241,11 +241,11 @@ def _read(
 
     missing: list[str] = []
     unexpected: list[str] = []
-    with files.opened(names.MODEL) as f:
-        header, raw = files.read_header(f, names.MODEL)
-        check_tensor_table(files, header)
+    with model_headers(files) as parts:
+        header = merged_header(parts)
+        label = files.label(parts[0][0]) if len(parts) == 1 else files.label(names.MANIFEST)
         aliases = manifest.get("aliases", {})
-        check_aliases(set(header.names()), aliases, files.label(names.MODEL))
+        check_aliases(set(header.names()), aliases, label)
         quant = read_quantization(files, manifest, header)
         if model is not None:
             shapes = {e.name: e.shape for e in header.entries}
@@ -256,27 +256,33 @@ def _read(
                 inside = tuple(m["name"] + "." for m in quant["modules"])
                 own = {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.startswith(inside)}
                 kept = {k: s for k, s in shapes.items() if not k.startswith(inside)}
-                compare_shapes(own, kept, files.label(names.MODEL), strict=strict)
+                compare_shapes(own, kept, label, strict=strict)
                 _quant.apply_quantization(model, quant)
                 _check_optimizer_params(model, optimizer)
-            missing, unexpected = check_model_match(model, shapes, files.label(names.MODEL), strict=strict)
+            missing, unexpected = check_model_match(model, shapes, label, strict=strict)
         if optimizer is not None and opt_state is not None:
             check_optimizer_match(optimizer, opt_state, files.label(names.OPTIMIZER))
-        file_hash = new_hasher() if verify else None
-        if file_hash is not None:
-            file_hash.update(raw)
-        tensors = _safetensors.read_tensors(
-            f,
-            header,
-            files.label(names.MODEL),
-            file_hash=file_hash,
-            destinations=_destinations(model, header),
-            threads=_read_threads(f, verify),
-        )
-    if file_hash is not None:
-        in_place = "; the model's tensors were filled in place and hold unverified values" if model is not None else ""
-        files.check_digest(names.MODEL, file_hash.hexdigest(), in_place)
-    state = with_aliases(tensors, aliases, files.label(names.MODEL))
+        tensors: dict[str, torch.Tensor] = {}
+        for name, f, part_header, raw in parts:
+            file_hash = new_hasher() if verify else None
+            if file_hash is not None:
+                file_hash.update(raw)
+            tensors.update(
+                _safetensors.read_tensors(
+                    f,
+                    part_header,
+                    files.label(name),
+                    file_hash=file_hash,
+                    destinations=_destinations(model, part_header),
+                    threads=_read_threads(f, verify),
+                )
+            )
+            if file_hash is not None:
+                in_place = (
+                    "; the model's tensors were filled in place and hold unverified values" if model is not None else ""
+                )
+                files.check_digest(name, file_hash.hexdigest(), in_place)
+    state = with_aliases(tensors, aliases, label)
     _, move = placement(map_location)
     state = {k: move(v) for k, v in state.items()}
     ckpt = Checkpoint(

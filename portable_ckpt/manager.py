@@ -23,6 +23,7 @@ from portable_ckpt.errors import (
     CheckpointWriteError,
 )
 from portable_ckpt.format import names
+from portable_ckpt.format.layout import PART_BYTES
 from portable_ckpt.load import load_checkpoint
 from portable_ckpt.root import display
 from portable_ckpt.state import Stateful
@@ -75,7 +76,9 @@ class CheckpointManager:
 
     ``keep_last=N`` keeps the N newest; ``keep_every=K`` also keeps every step divisible by K. The
     newest committed checkpoint is never deleted. Opening a root removes temporaries left behind by
-    crashed saves.
+    crashed saves. ``incremental=True`` makes every save incremental (format_version 3): model parts
+    unchanged since the previous checkpoint are hard-linked (or copied server-side) instead of written,
+    and retention may still delete any checkpoint (``save_checkpoint``'s ``incremental``).
     """
 
     def __init__(
@@ -84,7 +87,18 @@ class CheckpointManager:
         *,
         keep_last: int | None = None,
         keep_every: int | None = None,
+        incremental: bool = False,
+        part_bytes: int = PART_BYTES,
     ) -> None:
+        if type(incremental) is not bool:
+            raise CheckpointInputError(f"incremental must be True or False, found {incremental!r}")
+        if incremental and _save.distributed():
+            raise CheckpointInputError(
+                "incremental=True is for one process (format_version 3); under a process group every save is "
+                "sharded (format_version 2): pass incremental=False"
+            )
+        self.incremental = incremental
+        self.part_bytes = part_bytes
         self.storage = storage_for(root)
         self.root = display(self.storage)
         self.keep_last = _count(keep_last, "keep_last")
@@ -205,6 +219,8 @@ class CheckpointManager:
             extra=extra,
             states=states,
             pool=pool,
+            incremental=self.incremental,
+            part_bytes=self.part_bytes,
         )
         if blocking:
             return self._write(snap)

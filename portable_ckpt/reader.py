@@ -42,15 +42,16 @@ class CheckpointReader:
         self,
         path: Path | str,
         manifest: dict[str, Any],
-        header: _safetensors.Header,
-        file: ReadFile,
+        parts: list[tuple[str, ReadFile, _safetensors.Header]],
     ) -> None:
         self.path = path
         self.manifest = manifest
-        self._label = f"{path}/{names.MODEL}"
-        self._file: ReadFile | None = file  # kept open: every tensor() is a positional read on it
-        self._entries = {e.name: e for e in header.entries}
-        self._checksums: dict[str, str] | None = manifest["files"][names.MODEL].get("tensors")
+        self._label = f"{path}/{parts[0][0]}" if len(parts) == 1 else f"{path}/{names.MANIFEST}"
+        # kept open: every tensor() is a positional read on its model file
+        self._files: dict[str, ReadFile] | None = {name: f for name, f, _ in parts}
+        self._entries = {e.name: e for _, _, header in parts for e in header.entries}
+        self._where = {e.name: name for name, _, header in parts for e in header.entries}
+        self._checksums = {name: manifest["files"][name].get("tensors") for name, _, _ in parts}
         self._aliases: dict[str, str] = dict(manifest.get("aliases") or {})  # checked by open_checkpoint
 
     @property
@@ -84,46 +85,50 @@ class CheckpointReader:
         With ``verify`` (the default) its bytes are checked against the manifest's per-tensor checksum.
         """
         entry = self._entry(name)
-        if self._file is None:
+        if self._files is None:
             raise CheckpointInputError(
                 f"{self._label}: this reader is closed; read tensors inside the `with open_checkpoint(...)` "
                 "block, or open the checkpoint again",
                 file=self._label,
             )
+        where = self._where[entry.name]
+        label = f"{self.path}/{where}"
         expected = None
         if verify:
-            if self._checksums is None:
+            table = self._checksums[where]
+            if table is None:
                 raise CheckpointInputError(
-                    f"{self._label}: the manifest holds no per-tensor checksums for this file, so one tensor "
+                    f"{label}: the manifest holds no per-tensor checksums for this file, so one tensor "
                     "cannot be verified alone; pass verify=False, or verify the whole file with load_checkpoint",
-                    file=self._label,
+                    file=label,
                 )
-            expected = self._checksums[entry.name]
+            expected = table[entry.name]
         out = torch.empty(entry.shape, dtype=_safetensors.DTYPES[entry.dtype])
         view = _safetensors.tensor_bytes(out)
         pos = 0
+        f = self._files[where]
         while pos < len(view):
-            n = self._file.pread_into(view[pos : pos + _CHUNK], entry.start + pos)
+            n = f.pread_into(view[pos : pos + _CHUNK], entry.start + pos)
             if not n:
                 raise CheckpointCorruptedError(
-                    f'{self._label}: file ends inside tensor "{entry.name}" (byte {entry.start + pos})',
-                    file=self._label,
+                    f'{label}: file ends inside tensor "{entry.name}" (byte {entry.start + pos})', file=label
                 )
             pos += n
         if expected is not None:
             found = checksum(view)
             if found != expected:
                 raise CheckpointCorruptedError(
-                    f'{self._label}: tensor "{entry.name}" (bytes {entry.start}..{entry.end}) is damaged: '
+                    f'{label}: tensor "{entry.name}" (bytes {entry.start}..{entry.end}) is damaged: '
                     f"the manifest says checksum {expected}, its bytes hash to {found}",
-                    file=self._label,
+                    file=label,
                 )
         return out
 
     def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        if self._files is not None:
+            for f in self._files.values():
+                f.close()
+            self._files = None
 
     def __enter__(self) -> CheckpointReader:
         return self
@@ -132,7 +137,7 @@ class CheckpointReader:
         self.close()
 
     def __repr__(self) -> str:
-        state = "closed" if self._file is None else "open"
+        state = "closed" if self._files is None else "open"
         return f"<CheckpointReader {self.path} step={self.step} tensors={len(self._entries)} {state}>"
 
 
@@ -144,7 +149,7 @@ class ShardedCheckpointReader(CheckpointReader):
         self.path = path
         self.manifest = files.manifest
         self._label = files.label(_sharding.SHARDING)
-        self._files: CheckpointFiles | None = files
+        self._held: CheckpointFiles | None = files
         self._sharded = ShardedFiles(files)
         self._tensors = self._sharded.table.tensors("model")
         self._aliases = {}
@@ -166,22 +171,22 @@ class ShardedCheckpointReader(CheckpointReader):
 
     def tensor(self, name: str, *, verify: bool = True) -> torch.Tensor:
         entry = self._sharded_entry(name)
-        if self._files is None:
+        if self._held is None:
             raise CheckpointInputError(
                 f"{self._label}: this reader is closed; read tensors inside the `with open_checkpoint(...)` block",
                 file=self._label,
             )
-        self._files.verify = verify
+        self._held.verify = verify
         return self._sharded.full(entry)
 
     def close(self) -> None:
-        if self._files is not None:
+        if self._held is not None:
             self._sharded.close()
-            self._files.close()
-            self._files = None
+            self._held.close()
+            self._held = None
 
     def __repr__(self) -> str:
-        state = "closed" if self._files is None else "open"
+        state = "closed" if self._held is None else "open"
         return f"<CheckpointReader {self.path} step={self.step} sharded tensors={len(self._tensors)} {state}>"
 
 
@@ -209,14 +214,24 @@ def open_checkpoint(path: str | os.PathLike[str] | Storage) -> CheckpointReader:
         except BaseException:
             files.close()
             raise
-    with files:
-        manifest = files.manifest
-        f = files.open(names.MODEL)  # checks kind and size; stays open after the directory is released
+    opened: list[tuple[str, ReadFile, _safetensors.Header]] = []
     try:
-        header, _ = files.read_header(f, names.MODEL)
-        check_tensor_table(files, header)
-        check_aliases(set(header.names()), manifest.get("aliases") or {}, files.label(names.MODEL))
-        return CheckpointReader(display(directory), manifest, header, f)
+        with files:
+            manifest = files.manifest
+            for name in files.model_files:
+                f = files.open(name)  # checks kind and size; stays open after the directory is released
+                try:
+                    header, _ = files.read_header(f, name)
+                except BaseException:
+                    f.close()
+                    raise
+                opened.append((name, f, header))
+                check_tensor_table(files, header, name)
+        stored = {n for _, _, header in opened for n in header.names()}
+        label = files.label(opened[0][0]) if len(opened) == 1 else files.label(names.MANIFEST)
+        check_aliases(stored, manifest.get("aliases") or {}, label)
+        return CheckpointReader(display(directory), manifest, opened)
     except BaseException:
-        f.close()
+        for _, f, _ in opened:
+            f.close()
         raise

@@ -108,7 +108,11 @@ def resolve(path: str | os.PathLike[str] | Storage) -> Storage:
     what = foreign_dir(storage)
     if what is not None:
         raise CheckpointNotFoundError(f"{storage.location}: {what}", file=storage.location)
-    if names.step_of(basename(storage)) is not None or storage.kind(names.MODEL) is not None:
+    if (
+        names.step_of(basename(storage)) is not None
+        or storage.kind(names.MODEL) is not None
+        or any(names.MODEL_PART.fullmatch(n) for n in storage.listdir())
+    ):
         raise CheckpointNotFoundError(
             f"{storage.location}/{names.MANIFEST}: manifest.json is missing; the checkpoint is incomplete",
             file=f"{storage.location}/{names.MANIFEST}",

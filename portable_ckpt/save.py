@@ -16,6 +16,7 @@ from torch import nn
 from portable_ckpt import threads as _threads
 from portable_ckpt.errors import CheckpointError, CheckpointInputError
 from portable_ckpt.format import jsonio as _jsonio
+from portable_ckpt.format import layout as _layout
 from portable_ckpt.format import manifest as _manifest
 from portable_ckpt.format import names
 from portable_ckpt.format import pt as _pt
@@ -25,8 +26,9 @@ from portable_ckpt.format import schemas as _schemas
 from portable_ckpt.format import states as _states
 from portable_ckpt.format.hashing import checksum
 from portable_ckpt.quant import quantize as _quant
+from portable_ckpt.reuse import Source, Stats, open_source
 from portable_ckpt.root import display
-from portable_ckpt.state import Stateful, model_state
+from portable_ckpt.state import Stateful, model_state, unwrap
 from portable_ckpt.storage import Staging, Storage, WriteFile, storage_for
 from portable_ckpt.storage.base import write_error
 
@@ -50,6 +52,7 @@ class Snapshot:
     rng_sources: list[str]
     states_doc: dict[str, Any] | None = None
     states_tensors: dict[str, torch.Tensor] | None = None
+    parts: tuple[tuple[str, ...], ...] | None = None  # incremental (format_version 3): the model parts' tensors
 
 
 def _json_object(value: Any, name: str) -> dict[str, Any]:
@@ -132,11 +135,20 @@ def snapshot(
     extra: Any = None,
     states: Mapping[str, Any] | None = None,
     pool: dict[str, torch.Tensor] | None = None,
+    incremental: bool = False,
+    part_bytes: int = _layout.PART_BYTES,
 ) -> Snapshot:
     """Capture the state. Given a buffer ``pool``, every tensor is copied into it, so training may go on
-    while the snapshot is written; without one, the snapshot refers to the live tensors."""
+    while the snapshot is written; without one, the snapshot refers to the live tensors. ``incremental``
+    splits the model state into frozen and trainable parts (format_version 3, format_spec §21.2)."""
     step = as_step(step)
     tensors, aliases = model_state(model)
+    parts = None
+    if incremental:
+        if type(part_bytes) is not int or part_bytes < 1:
+            raise CheckpointInputError(f"part_bytes must be an int >= 1, found {part_bytes!r}")
+        trainable = _layout.trainable_names(unwrap(model) if isinstance(model, nn.Module) else model, list(tensors))
+        parts = tuple(tuple(p) for p in _layout.split(tensors, trainable, part_bytes))
     for name, t in tensors.items():
         _safetensors.dtype_name(t, name)  # an unsupported dtype fails at the call, not in a background write
     quant = _quant.quantization_metadata(model) if isinstance(model, nn.Module) else None
@@ -181,10 +193,13 @@ def snapshot(
         rng_sources=rng_sources,
         states_doc=states_doc,
         states_tensors=states_tensors,
+        parts=parts,
     )
 
 
-def _write_contents(staging: Staging, snap: Snapshot) -> dict[str, dict[str, Any]]:
+def _write_contents(
+    staging: Staging, snap: Snapshot, source: Source | None = None, stats: Stats | None = None
+) -> dict[str, dict[str, Any]]:
     """Write every file but the manifest. Files are written on ``threads.io_threads()`` threads (the
     model and the optimizer state at once, where there are cores for both), each synced on a helper
     thread as soon as it is written, so its writeback overlaps the rest; all end before return."""
@@ -212,18 +227,42 @@ def _write_contents(staging: Staging, snap: Snapshot) -> dict[str, dict[str, Any
             else:
                 write_one(name, encode)
 
-        tensor_checksums: dict[str, str] = {}
+        tensor_checksums: dict[str, dict[str, str]] = {}
 
-        def model(f: Any) -> tuple[int, str]:
-            result = _safetensors.write(f, snap.tensors)
-            tensor_checksums.update(result.tensor_checksums)
+        def model(f: Any, name: str, tensors: dict[str, torch.Tensor]) -> tuple[int, str]:
+            result = _safetensors.write(f, tensors)
+            tensor_checksums[name] = result.tensor_checksums
             return result.size, result.checksum
+
+        def part(name: str, tensors: dict[str, torch.Tensor]) -> None:
+            entry = source.reuse(staging, name, tensors) if source is not None else None
+            if entry is None:
+                write_one(name, functools.partial(model, name=name, tensors=tensors))
+                if stats is not None:
+                    stats.written.append(name)
+                return
+            files[name] = entry
+            if stats is not None:
+                stats.reused.append(name)
+                stats.reused_bytes += entry["size"]
+
+        if snap.parts is None:
+            model_files = {names.MODEL: snap.tensors}
+        else:
+            model_files = {
+                _layout.part_name(i, len(snap.parts)): {k: snap.tensors[k] for k in tensors}
+                for i, tensors in enumerate(snap.parts)
+            }
 
         # the largest files first, so that they start together
         for name, state in zip(names.PT_FILES, (snap.optimizer, snap.scheduler, snap.scaler), strict=True):
             if state is not None and name == names.OPTIMIZER:
                 put(name, functools.partial(_pt_file, state=state, what=name.removesuffix(".pt")))
-        put(names.MODEL, model)
+        for name, tensors in model_files.items():
+            if threads > 1:
+                writes.append(_threads.submit(writer, part, name, tensors))
+            else:
+                part(name, tensors)
         for name, state in zip(names.PT_FILES, (snap.optimizer, snap.scheduler, snap.scaler), strict=True):
             if state is not None and name != names.OPTIMIZER:
                 put(name, functools.partial(_pt_file, state=state, what=name.removesuffix(".pt")))
@@ -244,8 +283,9 @@ def _write_contents(staging: Staging, snap: Snapshot) -> dict[str, dict[str, Any
             done.result()  # re-raises a failed write
         for done in syncs:
             done.result()  # re-raises a failed sync
-        files[names.MODEL]["tensors"] = tensor_checksums
-    return files
+        for name, table in tensor_checksums.items():
+            files[name]["tensors"] = table
+    return dict(sorted(files.items()))
 
 
 def _sizes(result: _safetensors.WriteResult) -> tuple[int, str]:
@@ -267,14 +307,19 @@ def _write_all(f: WriteFile, data: bytes) -> int:
     return len(data)
 
 
-def write(snap: Snapshot, directory: str | os.PathLike[str] | Storage, *, overwrite: bool = False) -> Path | str:
+def write(
+    snap: Snapshot, directory: str | os.PathLike[str] | Storage, *, overwrite: bool = False, stats: Stats | None = None
+) -> Path | str:
     """Write a snapshot as ``<directory>/step-NNNNNNNN`` and commit it by the storage's strategy
-    (a temporary directory renamed into place, or the manifest written last)."""
+    (a temporary directory renamed into place, or the manifest written last). An incremental snapshot
+    reuses the unchanged model parts of the checkpoint ``latest`` names (format_spec §21.3); ``stats``
+    collects which."""
     root = storage_for(directory)
     staging: Staging | None = None
+    source = open_source(root) if snap.parts is not None else None
     try:
         staging = root.stage(names.step_name(snap.step), overwrite=overwrite)
-        files = _write_contents(staging, snap)
+        files = _write_contents(staging, snap, source, stats)
         summary = _quant.manifest_summary(snap.quantization) if snap.quantization is not None else None
         doc = _manifest.build(
             step=snap.step,
@@ -283,6 +328,7 @@ def write(snap: Snapshot, directory: str | os.PathLike[str] | Storage, *, overwr
             rng=snap.rng_sources,
             quantization=summary,
             extra=snap.extra,
+            version=_manifest.FORMAT_VERSION if snap.parts is None else _manifest.INCREMENTAL_FORMAT_VERSION,
         )
         f = staging.create(names.MANIFEST)
         try:
@@ -300,6 +346,8 @@ def write(snap: Snapshot, directory: str | os.PathLike[str] | Storage, *, overwr
     finally:
         if staging is not None:
             staging.abort()
+        if source is not None:
+            source.close()
 
 
 def save_checkpoint(
@@ -315,6 +363,8 @@ def save_checkpoint(
     scheduler: Stateful | None = None,
     scaler: Stateful | None = None,
     states: Mapping[str, Any] | None = None,
+    incremental: bool = False,
+    part_bytes: int = _layout.PART_BYTES,
 ) -> Path | str:
     """Save one checkpoint as ``<directory>/step-<step:08d>/`` and return that path.
 
@@ -329,12 +379,21 @@ def save_checkpoint(
     sampler, an EMA, a callback) and to ``torch.Generator`` objects (their state): pickle-free, in
     ``states.json`` and ``states.safetensors``; ``load_checkpoint(..., states=...)`` restores them.
 
+    ``incremental=True`` writes the model state in frozen and trainable parts of at most ``part_bytes``
+    (format_version 3) and hard-links (or, on object stores, copies server-side) every part whose tensors
+    are unchanged since the checkpoint ``latest`` names, instead of writing it (README "Incremental saves").
+
     >>> save_checkpoint(model, optimizer, {"lr": 3e-4}, ["a", "b"], 100)  # doctest: +SKIP
     PosixPath('checkpoints/step-00000100')
     """
     if distributed():  # every rank calls this: one sharded checkpoint through DCP (format_spec §20)
         from portable_ckpt.dcp import collective
 
+        if incremental:
+            raise CheckpointInputError(
+                "incremental=True is for one process (format_version 3); under a process group every save is "
+                "sharded (format_version 2): pass incremental=False"
+            )
         return collective.save(
             model,  # type: ignore[arg-type]
             optimizer,
@@ -349,7 +408,17 @@ def save_checkpoint(
             states=states,
         )
     snap = snapshot(
-        model, optimizer, config, vocab, step, scheduler=scheduler, scaler=scaler, extra=extra, states=states
+        model,
+        optimizer,
+        config,
+        vocab,
+        step,
+        scheduler=scheduler,
+        scaler=scaler,
+        extra=extra,
+        states=states,
+        incremental=incremental,
+        part_bytes=part_bytes,
     )
     return write(snap, directory, overwrite=overwrite)
 

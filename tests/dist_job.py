@@ -226,12 +226,12 @@ def ddp_roundtrip(rank: int, world: int, out: Path, root: str) -> str:
     return str(path)
 
 
-def format1_into_fsdp(rank: int, world: int, out: Path, path: str) -> int:
-    """A one-process (format 1) checkpoint loaded into a 2-rank FSDP2 model and optimizer."""
+def format1_into_fsdp(rank: int, world: int, out: Path, path: str, name: str = "format1") -> int:
+    """A one-process (format 1, or 3: incremental) checkpoint loaded into a 2-rank FSDP2 model and optimizer."""
     model = fsdp(build_mlp(99))
     opt = adamw(model)
     ck = pc.load_checkpoint(path, model, opt)
-    save_on_rank0(snapshot(model, opt), out / "format1-loaded.pt")
+    save_on_rank0(snapshot(model, opt), out / f"{name}-loaded.pt")
     return ck.step
 
 

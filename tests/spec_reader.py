@@ -1,4 +1,4 @@
-"""A minimal reader of format_versions 1 and 2, written only from ``format_spec/`` (and its schemas).
+"""A minimal reader of format_versions 1, 2 and 3, written only from ``format_spec/`` (and its schemas).
 
 It imports nothing from ``portable_ckpt``: it exists to show that the specification is enough to read a
 checkpoint, and to cross-check the reference implementation, down to the error class of every refusal
@@ -16,6 +16,13 @@ the values in the typed encoding of states.json without ``$tensor``, and each ra
 §14 says. ``load`` returns the model state (the ``"model"`` entries, named by ``path[1]``, reassembled as
 full tensors); ``load_sharded`` also gives every reassembled tensor and the nested state of §20.3, and
 ``optimizer_state_dict`` numbers an optimizer's parameters as §20.3 describes.
+
+An incremental checkpoint (format_version 3, §21) is format_version 1 with ``model.safetensors`` replaced by
+the model parts ``model-IIIII-of-NNNNN.safetensors``: rules 1 to 4 of §21.1 are checked on the manifest (at
+least one part, one ``n``, every index of ``0 .. n-1`` listed once, a ``tensors`` table for every part, no tensor
+name in two tables), then every part as ``model.safetensors`` (§5.5, its tensors exactly its table, every
+per-tensor checksum); the model state is the union, and ``aliases`` refer to it. A listed ``model.safetensors``
+is then an unknown file, verified and otherwise ignored.
 
 Out of scope: format 0, the module-by-module checks of quantization.md, and the user object states
 (``states.*``, ``states-R-of-W.*``), which are verified as listed files and otherwise not read. A reader at
@@ -55,7 +62,9 @@ INT_RANGE = (-(2**63), 2**64)  # §4: every JSON integer, [low, high)
 LATEST_MAX = 4096  # §3.2
 LATEST_WHITESPACE = b" \t\n\r"  # §3.2: JSON whitespace, and only it, is stripped
 JSON_FILES = {"config.json", "vocab.json", "rng.json", "quantization_metadata.json"}
-MAX_VERSION = 2  # §15: the highest format_version this reader implements
+MAX_VERSION = 3  # §15: the highest format_version this reader implements
+# §21.1: a model part of format_version 3, part i of n (both zero-padded to at least five digits)
+MODEL_PART = re.compile(r"model-([0-9]{5,})-of-([0-9]{5,})\.safetensors")
 
 # §5.4: dtype -> (rank, torch dtype, bytes per element)
 DTYPES: dict[str, tuple[int, torch.dtype, int]] = {
@@ -310,7 +319,11 @@ def resolve(path: Path) -> Path:
         return path
     if _has(path, "model.pt", regular=True) and _has(path, "metadata.json", regular=True):
         raise SpecError("NotImplemented", f"{path}: format 0 is out of this reader's scope")
-    if step_of(path.name) is not None or _has(path, "model.safetensors"):
+    if (
+        step_of(path.name) is not None
+        or _has(path, "model.safetensors")
+        or any(MODEL_PART.fullmatch(n) for n in os.listdir(path))
+    ):
         raise not_found(f"{path}: manifest.json is missing; the checkpoint is incomplete")
     return latest(path)
 
@@ -589,6 +602,44 @@ def _check_quantization(directory: Path, manifest: dict[str, Any]) -> None:
             raise SpecError(QUANT, f"the manifest's {key} disagrees with the metadata")
 
 
+def model_parts(manifest: dict[str, Any]) -> list[str]:
+    """§21.1 rules 1 to 4 on the manifest of a format-3 checkpoint: the model parts' names, part 0 first."""
+    files = manifest["files"]
+    by_index: dict[int, str] = {}
+    counts: set[int] = set()
+    for name in files:
+        m = MODEL_PART.fullmatch(name)
+        if m is None:
+            continue
+        i, n = int(m.group(1)), int(m.group(2))
+        if name != f"model-{i:05d}-of-{n:05d}.safetensors":  # rule 2: one spelling per part
+            raise corrupted(f"manifest: {name} is not the spelling of model part {i} of {n}")
+        counts.add(n)
+        if i >= n:
+            raise corrupted(f"manifest: model part {name} has index {i}, not below its count {n}")
+        if i in by_index:
+            raise corrupted(f"manifest: model parts {by_index[i]} and {name} are both part {i}")
+        by_index[i] = name
+    if not by_index:  # rule 1
+        raise corrupted("manifest: format_version 3 lists no model part")
+    if len(counts) != 1:  # rule 2
+        raise corrupted(f"manifest: the model parts disagree on their count: {sorted(counts)}")
+    (n,) = counts
+    missing = sorted(set(range(n)) - set(by_index))
+    if missing:
+        raise corrupted(f"manifest: model part {missing[0]} of {n} is not listed")
+    owner: dict[str, str] = {}
+    for _, name in sorted(by_index.items()):
+        listed = files[name].get("tensors")
+        if listed is None:  # rule 3: per-tensor checksums are Mandatory for model parts
+            raise corrupted(f"manifest: model part {name} has no per-tensor checksums (tensors)")
+        for tensor in listed:  # rule 4
+            if tensor in owner:
+                raise corrupted(f"manifest: tensor {tensor!r} is in model parts {owner[tensor]} and {name}")
+            owner[tensor] = name
+    return [name for _, name in sorted(by_index.items())]
+
+
 def load(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """The manifest and the model state (aliases included) of the checkpoint at ``path`` (§13's order)."""
     directory = resolve(Path(path))
@@ -596,19 +647,25 @@ def load(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, torch.
     if manifest["format_version"] == 2:
         return manifest, read_sharded(directory, manifest).model
     files = manifest["files"]
+    model_files = model_parts(manifest) if manifest["format_version"] == 3 else ["model.safetensors"]
     for name in files:
         read_file(directory, manifest, name)  # every listed file, known or not
     if ("rng.json" in files) != ("rng.safetensors" in files):
         raise corrupted("rng.json and rng.safetensors go together")
-    data = read_file(directory, manifest, "model.safetensors")
-    tensors, ranges = parse_safetensors(data)
-    listed = files["model.safetensors"].get("tensors")
-    if listed is not None:
-        if set(listed) != set(tensors):
-            raise corrupted("tensor table disagrees with model.safetensors")
-        for name, (begin, end) in ranges.items():
-            if xxh3(data[begin:end]) != listed[name]:
-                raise corrupted(f"tensor {name!r}: checksum mismatch")
+    tensors: dict[str, torch.Tensor] = {}
+    for file in model_files:  # §21.1: every part is read and checked as model.safetensors is
+        data = read_file(directory, manifest, file)
+        part, ranges = parse_safetensors(data)
+        listed = files[file].get("tensors")
+        if listed is not None:
+            if set(listed) != set(part):
+                raise corrupted(f"tensor table disagrees with {file}")
+            for name, (begin, end) in ranges.items():
+                if xxh3(data[begin:end]) != listed[name]:
+                    raise corrupted(f"{file}: tensor {name!r}: checksum mismatch")
+        if set(part) & set(tensors):  # rule 4 (already checked on the tables, which equal the files)
+            raise corrupted(f"{file}: tensor {sorted(set(part) & set(tensors))[0]!r} is also in another part")
+        tensors.update(part)
     _check_quantization(directory, manifest)
     state = dict(tensors)
     for alias, target in manifest.get("aliases", {}).items():

@@ -51,9 +51,11 @@ POSITIONAL_OPTIONS = {
 
 # The three ways to save take the same state; each may add only its own options.
 SAVE_ONLY = {
-    "save_checkpoint": {"directory", "overwrite"},  # where, and whether an existing step may be replaced
+    # where, whether an existing step may be replaced, and whether to save incrementally (a manager's
+    # constructor option: every save of its root is incremental or none is)
+    "save_checkpoint": {"directory", "overwrite", "incremental", "part_bytes"},
     "CheckpointManager.save": {"blocking"},  # the manager owns the root; it may write in the background
-    "snapshot": {"pool"},  # the host buffers a non-blocking save copies into
+    "snapshot": {"pool", "incremental", "part_bytes"},  # host buffers a non-blocking save copies into; the split
 }
 
 

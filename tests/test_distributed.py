@@ -210,6 +210,7 @@ class Main:
     roots: dict[str, Path]
     format1: Path
     format1_ref: dict[str, Any]
+    format3: Path
 
 
 @pytest.fixture(scope="module")
@@ -223,18 +224,24 @@ def main(tmp_path_factory: pytest.TempPathFactory) -> Main:
     for step in range(1, 4):
         dist_job.train_step(model, opt, *dist_job.batch(step, 0, 1))
     format1 = Path(pc.save_checkpoint(model, opt, dist_job.CONFIG, dist_job.VOCAB, 3, base / "format1"))
+    format3 = Path(  # incremental: the model state in parts of at most 1 KiB
+        pc.save_checkpoint(
+            model, opt, dist_job.CONFIG, dist_job.VOCAB, 3, base / "format3", incremental=True, part_bytes=1024
+        )
+    )
     format1_ref = plain(opt, model)  # this model is not trained further
     roots = {n: base / n for n in ("fsdp", "tp", "ddp", "dcp", "async", "full")}
     jobs: list[Job] = [
         ("fsdp_save", "fsdp_save", {"root": str(roots["fsdp"])}),
         ("format1", "format1_into_fsdp", {"path": str(format1)}),
+        ("format3", "format1_into_fsdp", {"path": str(format3), "name": "format3"}),
         ("tp", "tp_roundtrip", {"root": str(roots["tp"])}),
         ("ddp", "ddp_roundtrip", {"root": str(roots["ddp"])}),
         ("dcp", "dcp_direct", {"root": str(roots["dcp"])}),
         ("async", "nonblocking_save", {"root": str(roots["async"])}),
         ("full", "train", {"root": str(roots["full"]), "name": "full", "total": 6, "every": 2}),
     ]
-    return Main(launch(base / "out", 2, jobs), roots, format1, format1_ref)
+    return Main(launch(base / "out", 2, jobs), roots, format1, format1_ref, format3)
 
 
 def fsdp_ckpt(main: Main) -> Path:
@@ -380,6 +387,13 @@ def test_format1_checkpoint_loads_into_fsdp2(main: Main) -> None:
     assert manifest(main.format1)["format_version"] == 1
     assert main.ranks.values("format1") == [3, 3]
     assert_snapshot(main.ranks.load("format1-loaded.pt"), main.format1_ref, "format 1 -> 2-rank FSDP2")
+
+
+def test_incremental_checkpoint_loads_into_fsdp2(main: Main) -> None:
+    assert manifest(main.format3)["format_version"] == 3
+    assert len([n for n in manifest(main.format3)["files"] if n.startswith("model-")]) > 2
+    assert main.ranks.values("format3") == [3, 3]
+    assert_snapshot(main.ranks.load("format3-loaded.pt"), main.format1_ref, "format 3 -> 2-rank FSDP2")
 
 
 # -- 5. exact resume -----------------------------------------------------------------------------

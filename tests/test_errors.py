@@ -180,10 +180,10 @@ def test_step_disagrees_with_directory(ckpt):
 
 
 def test_newer_format_version(ckpt):
-    _rewrite_manifest(ckpt, lambda d: d.update(format_version=3))
+    _rewrite_manifest(ckpt, lambda d: d.update(format_version=4))
     with pytest.raises(
         UnsupportedFormatVersionError,
-        match=r"format_version 3 is newer than this reader supports \(2\); upgrade portable-ckpt",
+        match=r"format_version 4 is newer than this reader supports \(3\); upgrade portable-ckpt",
     ):
         load_checkpoint(ckpt)
 

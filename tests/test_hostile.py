@@ -249,9 +249,9 @@ def test_legacy_named_pipe_does_not_hang(tmp_path: Path) -> None:
 
 def test_newer_format_version_is_refused_as_unsupported(ckdir: Path) -> None:
     doc = faults.read_manifest(ckdir)
-    doc["format_version"] = 3
+    doc["format_version"] = 4
     faults.write_manifest(ckdir, doc)
-    with pytest.raises(pc.UnsupportedFormatVersionError, match="format_version 3 is newer"):
+    with pytest.raises(pc.UnsupportedFormatVersionError, match="format_version 4 is newer"):
         pc.load_checkpoint(ckdir, restore_rng=False)
     assert validate(ckdir)[0] == 1
 

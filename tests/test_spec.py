@@ -542,6 +542,101 @@ def test_spec_reader_decodes_sharded_values():
     assert spec_reader._rebuild([(["a", 2], 1), (["a", 0, "b"], 2), (["c"], 3)]) == {"a": [{"b": 2}, None, 1], "c": 3}
 
 
+def resealed_incremental(tmp_path: Path, manifest=None) -> Path:
+    """A copy of valid-incremental (format_version 3) with the manifest and the files changed by ``manifest``,
+    the manifest re-sealed with spec_reader's §10."""
+    path = tmp_path / "incremental"
+    shutil.copytree(VECTORS / "valid-incremental", path)
+    man = json.loads((path / "manifest.json").read_bytes())
+    if manifest is not None:
+        manifest(man, path)
+    (path / "manifest.json").write_bytes(spec_reader.manifest_bytes(man))
+    return path
+
+
+def _part(i: int, n: int = 3) -> str:
+    return f"model-{i:05d}-of-{n:05d}.safetensors"
+
+
+def _rename_part(old: str, new: str):
+    def change(man: dict[str, Any], path: Path) -> None:
+        (path / old).rename(path / new)
+        man["files"][new] = man["files"].pop(old)
+
+    return change
+
+
+def _copy_part(old: str, new: str):
+    def change(man: dict[str, Any], path: Path) -> None:
+        shutil.copy(path / old, path / new)
+        man["files"][new] = dict(man["files"][old])
+
+    return change
+
+
+# what changes the manifest and the files of valid-incremental: each a single defect of §21.1
+INCREMENTAL_DEFECTS: dict[str, Any] = {
+    "index-not-below-count": _rename_part(_part(2), _part(3)),
+    "two-names-for-one-index": _copy_part(_part(1), "model-000001-of-00003.safetensors"),
+    "too-few-digits-is-no-part": _rename_part(_part(0), "model-0-of-00003.safetensors"),
+    "tensor-table-extra-name": lambda m, p: m["files"][_part(1)]["tensors"].update(bogus="0" * 32),
+    "tensor-table-missing-name": lambda m, p: m["files"][_part(0)].update(tensors={}),
+    "alias-to-nothing": lambda m, p: m.update(aliases={"head.weight": "nothing"}),
+    "alias-is-a-stored-name": lambda m, p: m.update(aliases={"lin.bias": "emb.weight"}),
+    "empty-part-count": _rename_part(_part(0), "model-00000-of-00000.safetensors"),
+}
+
+
+@pytest.mark.parametrize("case", list(INCREMENTAL_DEFECTS))
+def test_spec_reader_refuses_incremental_defects(case: str, tmp_path: Path):
+    """§21.1's rules beyond the vectors, each a CheckpointCorruptedError."""
+    path = resealed_incremental(tmp_path, INCREMENTAL_DEFECTS[case])
+    with pytest.raises(spec_reader.SpecError) as info:
+        spec_reader.load(path)
+    assert info.value.error == "CheckpointCorruptedError", str(info.value)
+
+
+@pytest.mark.parametrize("case", list(INCREMENTAL_DEFECTS))
+def test_load_checkpoint_refuses_incremental_defects_as_spec_reader_does(case: str, tmp_path: Path):
+    path = resealed_incremental(tmp_path, INCREMENTAL_DEFECTS[case])
+    with pytest.raises(CheckpointCorruptedError):
+        load_checkpoint(path, restore_rng=False)
+
+
+INCREMENTAL_ACCEPTED: dict[str, Any] = {
+    # §21.1: a listed model.safetensors is an unknown file in format_version 3, verified and otherwise ignored
+    "unknown-model-safetensors": _rewrite("model.safetensors", b"not a safetensors file"),
+    "unknown-listed-file": _rewrite("notes.txt", b"hello"),
+    # a name that is no model part (fewer than five digits) is an unknown file
+    "unknown-part-like-name": _copy_part(_part(1), "model-1-of-3.safetensors"),
+}
+
+
+@pytest.mark.parametrize("case", list(INCREMENTAL_ACCEPTED))
+def test_spec_reader_and_load_checkpoint_accept_incremental_variants(case: str, tmp_path: Path):
+    path = resealed_incremental(tmp_path, INCREMENTAL_ACCEPTED[case])
+    manifest, state = spec_reader.load(path)
+    assert manifest["step"] == 11 and manifest["format_version"] == 3
+    assert_same_state(state, load_checkpoint(path, restore_rng=False).model_state)
+    assert state.keys() == {"emb.weight", "head.weight", "lin.bias", "lin.weight"}
+
+
+def test_spec_reader_reads_what_an_incremental_save_writes(tmp_path: Path):
+    """§21: the union of the parts is the state a format_version 1 save of the same model holds."""
+    torch.manual_seed(0)
+    model = TinyLM()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    train_some(model, optimizer)
+    full = save_checkpoint(model, optimizer, {}, None, 3, tmp_path / "full")
+    parts = save_checkpoint(model, optimizer, {}, None, 3, tmp_path / "parts", incremental=True, part_bytes=16)
+    manifest, state = spec_reader.load(parts)
+    assert manifest["format_version"] == 3
+    assert len([n for n in manifest["files"] if spec_reader.MODEL_PART.fullmatch(n)]) >= 3
+    assert_same_state(state, spec_reader.load(full)[1])
+    assert_same_state(state, load_checkpoint(parts).model_state)
+    assert manifest["aliases"] == spec_reader.load(full)[0]["aliases"]
+
+
 # --------------------------------------------------------------------------------------------------
 # (d) byte identity with the reference safetensors library
 # --------------------------------------------------------------------------------------------------

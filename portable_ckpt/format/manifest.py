@@ -20,7 +20,8 @@ from portable_ckpt.version import __version__
 FORMAT = "portable-ckpt"
 FORMAT_VERSION = 1  # what a one-process save writes
 SHARDED_FORMAT_VERSION = 2  # what a save under a process group writes (format_spec/README.md §20)
-READ_VERSION = SHARDED_FORMAT_VERSION  # the newest format_version this reader reads
+INCREMENTAL_FORMAT_VERSION = 3  # an incremental save: the model state in parts (§21)
+READ_VERSION = INCREMENTAL_FORMAT_VERSION  # the newest format_version this reader reads
 MANIFEST = "manifest.json"
 LIBRARY_VERSION = __version__  # the producer version written into every manifest
 

@@ -16,6 +16,7 @@ RNG_JSON = "rng.json"
 QUANTIZATION = "quantization_metadata.json"
 STATES_JSON = "states.json"
 STATES_TENSORS = "states.safetensors"
+MODEL_PART = re.compile(r"model-([0-9]{5,})-of-([0-9]{5,})\.safetensors")  # format_version 3 (§21); fullmatch
 
 # the files of format 1 this library writes and reads, by role
 FILES: dict[str, str] = {

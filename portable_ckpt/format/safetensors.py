@@ -99,11 +99,19 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
     return memoryview((ctypes.c_char * nbytes).from_address(t.data_ptr())).cast("B")
 
 
-def _host_contiguous(t: torch.Tensor) -> torch.Tensor:
+def host_contiguous(t: torch.Tensor) -> torch.Tensor:
     t = t.detach()
     if t.device.type != "cpu":
         t = t.to("cpu")
     return t if t.is_contiguous() else t.contiguous()
+
+
+def tensor_checksum(t: torch.Tensor) -> str:
+    """The checksum of a tensor's data bytes as a file would hold them (the ``tensors`` table's value)."""
+    t = host_contiguous(t)
+    h = new_hasher()
+    h.update(tensor_bytes(t))
+    return h.hexdigest()
 
 
 def dtype_name(t: torch.Tensor, name: str) -> str:
@@ -224,7 +232,7 @@ def write(
             batch = None
 
         for _, name, _, t in rows:
-            host = t if t.is_cpu and t.is_contiguous() else _host_contiguous(t)
+            host = t if t.is_cpu and t.is_contiguous() else host_contiguous(t)
             nbytes = host.nbytes
             size += nbytes
             if nbytes < _SMALL_BYTES:

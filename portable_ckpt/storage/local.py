@@ -23,7 +23,7 @@ from typing import ClassVar
 
 from portable_ckpt.errors import CheckpointCorruptedError, CheckpointExistsError, CheckpointNotFoundError
 from portable_ckpt.format import names
-from portable_ckpt.storage.base import CommitStrategy, Kind, point_latest
+from portable_ckpt.storage.base import CheckpointDir, CommitStrategy, Kind, point_latest
 
 _CHUNK = 1 << 30  # a single read or write moves at most ~2 GiB on Linux
 
@@ -315,6 +315,30 @@ class LocalStaging:
 
     def sync(self, name: str) -> None:
         fsync_path(self._dir() / name)
+
+    def reuse(self, name: str, source: CheckpointDir, source_name: str) -> bool:
+        """A hard link to ``source``'s regular file (never a symlink); False where none can be made (another
+        backend, another file system, the file removed meanwhile). The directory's sync at commit makes the
+        new entry durable; the file's data were synced when the source was written."""
+        if not isinstance(source, LocalDir):
+            return False
+        target = self._dir() / name
+        try:
+            before = os.stat(source_name, dir_fd=source.fd, follow_symlinks=False)
+            if not stat.S_ISREG(before.st_mode):
+                return False
+            os.link(source_name, target, src_dir_fd=source.fd, follow_symlinks=False)
+        except OSError:
+            return False
+        try:
+            after = os.stat(target, follow_symlinks=False)
+        except OSError:
+            after = None
+        if after is None or (after.st_ino, after.st_dev) != (before.st_ino, before.st_dev):
+            with contextlib.suppress(OSError):
+                target.unlink()
+            return False
+        return True
 
     def abort(self) -> None:
         if self.tmp is not None:

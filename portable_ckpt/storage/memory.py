@@ -27,7 +27,7 @@ from portable_ckpt.errors import (
     CheckpointNotFoundError,
 )
 from portable_ckpt.format import names
-from portable_ckpt.storage.base import CommitStrategy, Kind, point_latest
+from portable_ckpt.storage.base import CheckpointDir, CommitStrategy, Kind, point_latest
 from portable_ckpt.storage.local import owner_alive
 
 SCHEME = "memory://"
@@ -148,6 +148,7 @@ class MemoryDir:
     """The objects of one checkpoint directory as they were when it was opened."""
 
     def __init__(self, store: Store, prefix: str) -> None:
+        self.store, self.prefix = store, prefix
         self.location = SCHEME + prefix.lstrip("/")
         with store.lock:
             self.objects = {k[len(prefix) + 1 :]: store.objects[k] for k in store.keys_under(prefix)}
@@ -330,6 +331,23 @@ class MemoryStaging:
 
     def sync(self, name: str) -> None:
         self.root.store.faults.check("sync", f"{self.dir}/{name}")
+
+    def reuse(self, name: str, source: CheckpointDir, source_name: str) -> bool:
+        """The source's object under a second key, as a server-side copy does (no bytes through the writer)."""
+        if self.done:
+            raise RuntimeError("this staging area was already committed or aborted")
+        if not isinstance(source, MemoryDir) or source.store is not self.root.store:
+            return False
+        key = f"{source.prefix}/{source_name}"
+        with self.root.store.lock:
+            data = self.root.store.objects.get(key)
+        if data is None or data is not source.objects.get(source_name):  # removed or replaced since opened
+            return False
+        try:
+            self.root.store.put(f"{self.dir}/{name}", data, op="copy")
+        except OSError:
+            return False
+        return True
 
     def abort(self) -> None:
         if self.done:

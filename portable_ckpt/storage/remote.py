@@ -38,7 +38,7 @@ from portable_ckpt.errors import (
     CheckpointNotFoundError,
 )
 from portable_ckpt.format import names
-from portable_ckpt.storage.base import CommitStrategy, Kind, point_latest
+from portable_ckpt.storage.base import CheckpointDir, CommitStrategy, Kind, point_latest
 from portable_ckpt.storage.local import owner_alive
 
 # schemes with their own backends; fsspec knows them too, but they are not object stores for us
@@ -804,6 +804,32 @@ class FsspecStaging:
 
     def sync(self, name: str) -> None:
         pass  # an object is durable once its writer's close() returned
+
+    def reuse(self, name: str, source: CheckpointDir, source_name: str) -> bool:
+        """A server-side copy of the source's object (S3 CopyObject: no byte passes through this process), on
+        S3 only while the object keeps the ETag it had when the checkpoint was opened; False where it cannot
+        (another store or bucket, the object removed or replaced meanwhile, the copy refused)."""
+        if self.done:
+            raise RuntimeError("this staging area was already committed or aborted")
+        if not isinstance(source, FsspecDir) or source.storage.fs is not self.root.fs:
+            return False
+        src, dst = source.storage._key(source_name), f"{self.dir}/{name}"
+        try:
+            with self.root.errors(self.root.key_url(dst)):
+                found = self.root.info(src)
+                if found is None or found.get("type") != "file":
+                    return False
+                tag = found.get("ETag")
+                options = {"CopySourceIfMatch": tag} if tag and self.root.scheme in MULTIPART else {}
+                self.root.fs.cp_file(src, dst, **options)
+                copied = self.root.info(dst)
+        except (OSError, ValueError):
+            return False
+        if copied is None or copied.get("size") != found.get("size"):
+            with contextlib.suppress(OSError):
+                self.root.delete(dst)
+            return False
+        return True
 
     def abort(self) -> None:
         if self.done:
