@@ -391,7 +391,7 @@ def test_format1_checkpoint_loads_into_fsdp2(main: Main) -> None:
 
 def test_incremental_checkpoint_loads_into_fsdp2(main: Main) -> None:
     assert manifest(main.format3)["format_version"] == 3
-    assert len([n for n in manifest(main.format3)["files"] if n.startswith("model-")]) > 2
+    assert len([n for n in manifest(main.format3)["files"] if n.startswith("model-")]) >= 2
     assert main.ranks.values("format3") == [3, 3]
     assert_snapshot(main.ranks.load("format3-loaded.pt"), main.format1_ref, "format 3 -> 2-rank FSDP2")
 
