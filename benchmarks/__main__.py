@@ -41,6 +41,7 @@ DEFAULTS: dict[str, Any] = {
     "async_size_mib": 256.0,
     "s3_size_mib": 512.0,
     "dcp_size_mib": 512.0,
+    "incremental_size_mib": 512.0,
     "reps": 5,
     "fresh_runs": 10,
     "io_threads": "1,2,4",
@@ -56,6 +57,7 @@ QUICK: dict[str, Any] = {
     "async_size_mib": 16.0,
     "s3_size_mib": 8.0,
     "dcp_size_mib": 16.0,
+    "incremental_size_mib": 16.0,
     "reps": 3,
     "fresh_runs": 2,
     "io_threads": "1,2",
@@ -245,12 +247,35 @@ def _run_dcp(args: argparse.Namespace, failures: list[dict[str, str]]) -> dict[s
     return _section(args, failures, "dcp", "sharded save/load against DCP's FileSystemWriter", str(args.dcp_size_mib))
 
 
+def _run_incremental(args: argparse.Namespace, failures: list[dict[str, str]]) -> dict[str, Any] | None:
+    """The incremental section (benchmarks/incremental.py): int4 LoRA saves, incremental against full."""
+    if args.incremental == "off" or (args.only and not any("incremental" in word for word in args.only)):
+        return None
+    section = _section(
+        args,
+        failures,
+        "incremental",
+        "int4 LoRA: incremental save against a full save",
+        str(args.incremental_size_mib),
+        ["--workdir", str(args.workdir)],
+    )
+    if section is not None and not section["value_check"]["equal"]:
+        failures.append({"id": "incremental", "error": f"value check: {section['value_check']['mismatches']}"})
+    return section
+
+
 def _section(
-    args: argparse.Namespace, failures: list[dict[str, str]], name: str, what: str, size_mib: str
+    args: argparse.Namespace,
+    failures: list[dict[str, str]],
+    name: str,
+    what: str,
+    size_mib: str,
+    extra: list[str] | None = None,
 ) -> dict[str, Any] | None:
     """``python -m benchmarks.<name> --size-mib N --reps R --json`` in a process of its own; its JSON object."""
     print(f"[{name}] {what} ...", end="", file=sys.stderr, flush=True)
     cmd = [sys.executable, "-m", f"benchmarks.{name}", "--size-mib", size_mib, "--reps", str(args.reps)]
+    cmd += extra or []
     try:
         proc = subprocess.run(
             [*cmd, "--json"], cwd=HERE.parent, capture_output=True, text=True, timeout=args.case_timeout
@@ -314,6 +339,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="the distributed section: 2 gloo ranks, our sharded save/load against DCP's FileSystemWriter/Reader",
     )
     p.add_argument("--dcp-size-mib", type=float, help="state of the distributed section over 2 ranks (default 512)")
+    p.add_argument(
+        "--incremental",
+        choices=["on", "off"],
+        default="on",
+        help="the incremental section: int4 LoRA fine-tune, incremental save (linked frozen parts) against a full save",
+    )
+    p.add_argument(
+        "--incremental-size-mib",
+        type=float,
+        help="stored bytes of the incremental section's frozen int4 base (default 512)",
+    )
     p.add_argument("--reps", type=int, help="timed repetitions per case, after one warm-up (default 5)")
     p.add_argument("--fresh-runs", type=int, help="fresh processes per fresh-process pair (default 10; 0: none)")
     p.add_argument("--io-threads", help="PORTABLE_CKPT_IO_THREADS values of the parallel I/O series (default 1,2,4)")
@@ -366,7 +402,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     jobs, states = plan(args)
-    if not jobs:
+    sections = ("s3", "dcp", "incremental")  # run by --only with their name, without cases
+    if not jobs and not any(name in word for word in args.only for name in sections):
         print(f"no case id contains {args.only}", file=sys.stderr)
         return 2
     ctx = None
@@ -412,6 +449,7 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(workdir, ignore_errors=True)
     s3_section = _run_s3(args, failures)
     dcp_section = _run_dcp(args, failures)
+    incremental_section = _run_incremental(args, failures)
     rows = report.summarize(rows)
     now = dt.datetime.now(dt.timezone.utc)
     wall_s = time.perf_counter() - started
@@ -432,10 +470,13 @@ def main(argv: list[str] | None = None) -> int:
         "failures": failures,
     }
     result["targets"] = report.targets(rows) + report.fresh_targets(result["fresh"])
+    result["targets"] += report.incremental_targets(incremental_section)
     if s3_section is not None:
         result["s3"] = s3_section
     if dcp_section is not None:
         result["dcp"] = dcp_section
+    if incremental_section is not None:
+        result["incremental"] = incremental_section
     stem = now.strftime("%Y%m%d-%H%M%S") + ("-quick" if args.quick else "")
     json_path, md_path = report.write(result, args.out, stem)
     print(f"wrote {json_path} and {md_path} ({wall_s:.0f} s)", file=sys.stderr)

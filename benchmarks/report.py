@@ -301,6 +301,29 @@ def targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def incremental_targets(section: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """The incremental section's bar (int4 LoRA fine-tune): save time ≤ 0.2× a full save (median over the
+    alternated repetitions), bytes written ≤ 1.1× the bytes that changed (every repetition)."""
+    time_name = "incremental save (int4 LoRA) time ≤ 0.2× a full save"
+    bytes_name = "incremental save (int4 LoRA): bytes written ≤ 1.1× bytes changed"
+    if section is None:
+        return [_target(time_name, None, None, "≤ 0.2×"), _target(bytes_name, None, None, "≤ 1.1×")]
+    t, b, parts = section["time_ratio"], section["bytes_ratio"], section["parts"]
+    time_fig = (
+        f"median {t['median']:.3f}× (min–max {t['min']:.3f}–{t['max']:.3f}× over {section['reps']} reps; "
+        f"{section['incremental_s']['median']:.3f} s vs {section['full_s']['median']:.3f} s, "
+        f"{section['model']['frozen_bytes'] / MIB:.0f} MiB frozen base)"
+    )
+    bytes_fig = (
+        f"max {b['max']:.3f}× ({section['written_bytes'] / MIB:.1f} MiB written for "
+        f"{section['changed_bytes'] / MIB:.1f} MiB changed; {parts['reused']} parts linked, {parts['written']} written)"
+    )
+    return [
+        _target(time_name, time_fig, t["median"] <= section["targets"]["time"]["limit"], "≤ 0.2×"),
+        _target(bytes_name, bytes_fig, b["max"] <= section["targets"]["bytes"]["limit"], "≤ 1.1×"),
+    ]
+
+
 # --- output ---------------------------------------------------------------------------------------
 
 
@@ -407,6 +430,10 @@ def markdown(result: dict[str, Any]) -> str:
         from .dcp import render as dcp_markdown
 
         parts += ["", "## distributed", "", "```", dcp_markdown(result["dcp"]), "```"]
+    if "incremental" in result:
+        from .incremental import render as incremental_markdown
+
+        parts += ["", "## incremental", "", "```", incremental_markdown(result["incremental"]), "```"]
     if failures:
         parts += ["", "## Failed cases", "", failures]
     return "\n".join(parts) + "\n"

@@ -187,3 +187,33 @@ def test_distributed_section(result):
         assert r["ours_s"] > 0 and r["theirs_s"] > 0, (key, r)
     assert set(section["extra_peak_rss_fraction_of_shard"]) == {"save.ours", "save.dcp", "load.ours", "load.dcp"}
     assert section["shard_mib"] > 0
+
+
+def test_incremental_section(result):
+    """int4 LoRA: incremental saves (frozen parts linked) against full saves, alternated, in one process."""
+    doc, _ = result
+    section = doc["incremental"]
+    assert (section["reps"], section["size_mib"]) == (REPS, 16.0)  # --quick
+    assert len(section["rows"]) == REPS
+    t = section["time_ratio"]
+    assert isinstance(t["median"], float) and 0 < t["min"] <= t["median"] <= t["max"]
+    for row in section["rows"]:
+        inc, full = row["incremental"], row["full"]
+        assert inc["s"] > 0 and full["s"] > 0
+        # what the save wrote covers what changed (adapters, optimizer, small files), and no frozen part
+        assert inc["wchar"] >= 0.9 * inc["changed_bytes"] > 0
+        assert inc["new_bytes"] == inc["changed_bytes"] < inc["total_bytes"]
+        assert inc["reused"] > 0 and inc["reused"] == inc["parts"]["frozen"]
+        assert inc["written"] == inc["parts"]["trainable"] > 0
+        assert inc["reused_bytes"] == inc["linked_bytes"] == inc["total_bytes"] - inc["changed_bytes"]
+        assert full["wchar"] >= full["bytes"] > inc["wchar"]
+    assert section["first_save"]["reused"] == 0 and section["first_save"]["written"] > 0
+    assert section["model"]["frozen_bytes"] > 0.9 * 16 * 2**20
+    check = section["value_check"]
+    assert check["equal"] and check["mismatches"] == [] and check["tensors_compared"] > 0
+    names = {t["target"]: t for t in doc["targets"]}
+    for name in (
+        "incremental save (int4 LoRA) time ≤ 0.2× a full save",
+        "incremental save (int4 LoRA): bytes written ≤ 1.1× bytes changed",
+    ):
+        assert names[name]["status"] in {"PASS", "FAIL"}
