@@ -1,7 +1,8 @@
 """The long fault-tolerance run: many crash trials (local, and against a local S3 server), every I/O call of
 a save failed in turn, the corruption catalog plus random byte flips, the importers fed damaged and hostile
 sources, objects of remote roots changed between listing and reading, thousands of fuzz examples, rounds of
-concurrent writers, retention and rewinds racing readers.
+concurrent writers, retention and rewinds racing readers, and incremental saves (kill trials, failing links,
+parts changed behind the back, retention racing a save that links, server-side copies on S3).
 
     python tests/stress.py [--trials 50] [--fuzz-examples 5000] [--seed N] [--workdir DIR]
     python tests/stress.py --preset full --seed N      (the documented run: see PRESETS)
@@ -33,6 +34,7 @@ import faults
 import test_diskfull
 import test_fuzz
 from faults import importers, remote
+from faults import incremental as inc
 
 import portable_ckpt as pc
 
@@ -48,8 +50,10 @@ SECTIONS = [
     "s3-crash",
     "remote-reads",
     "concurrency",
+    "incremental",
+    "incremental-s3",
 ]
-SLOW_SECTIONS = ("s3-crash", "remote-reads")  # need the local S3 server (moto)
+SLOW_SECTIONS = ("s3-crash", "remote-reads", "incremental-s3")  # need the local S3 server (moto)
 
 # The documented runs: option -> value. "full" is the run the README's reliability table quotes. Sized from
 # short runs (--trials 5..40, --s3-trials 8..20, --fuzz-examples 300..1000, --import-examples 400..1500) in
@@ -59,7 +63,9 @@ SLOW_SECTIONS = ("s3-crash", "remote-reads")  # need the local S3 server (moto)
 # memory:// ones), the other sections about 45 s. "full": about 1,220 CPU seconds, 22 to 27 minutes of wall
 # time on this machine (2 cores) with nobody else on it; 1,049 kill trials (930 local + 39 overwrite + 80
 # S3), about 105,000 fuzz examples (95,000 hypothesis over every target + 10,000 import mutations), about
-# 3,850 corrupt inputs and 2,500 concurrent loads.
+# 3,850 corrupt inputs and 2,500 concurrent loads. The incremental sections add about 150 CPU seconds (a local
+# incremental kill trial 0.4 s, +10 s for the link, I/O, in-memory and behind-the-back sweeps, a race round
+# 5 s; an S3 incremental kill trial 1.5 s, +12 s): 220 kill trials (200 local + 20 S3).
 PRESETS: dict[str, dict[str, int]] = {
     "full": {
         "trials": 930,
@@ -69,6 +75,9 @@ PRESETS: dict[str, dict[str, int]] = {
         "flips": 40,
         "concurrency_rounds": 4,
         "s3_reads": 40,
+        "inc_trials": 200,
+        "inc_rounds": 4,
+        "inc_s3_trials": 20,
     },
 }
 KINDS = ("checkpoints lost", "silent corruptions", "unexpected exceptions", "other broken promises")
@@ -168,10 +177,7 @@ def crash_trials(tally: Tally, work: Path, trials: int, rng: random.Random) -> N
         tally.trials += 1
         tally.faults += 1
         where = f"crash trial {i} ({result.mode}, committed {result.committed}, loaded {result.loaded})"
-        tally.add("checkpoints lost", where, result.lost)
-        tally.add("silent corruptions", where, result.silent)
-        tally.add("unexpected exceptions", where, result.unexpected)
-        tally.add("other broken promises", where, result.other)
+        add_result(tally, where, result)
 
 
 def overwrite_crash(tally: Tally, work: Path) -> None:
@@ -341,10 +347,106 @@ def s3_crash(tally: Tally, work: Path, trials: int, rng: random.Random, s3: remo
         tally.trials += 1
         tally.faults += 1
         where = f"s3 crash trial {i} ({result.mode}, loaded {result.loaded})"
-        tally.add("checkpoints lost", where, result.lost)
-        tally.add("silent corruptions", where, result.silent)
-        tally.add("unexpected exceptions", where, result.unexpected)
-        tally.add("other broken promises", where, result.other)
+        add_result(tally, where, result)
+
+
+def add_result(tally: Tally, where: str, result: faults.TrialResult) -> None:
+    tally.add("checkpoints lost", where, result.lost)
+    tally.add("silent corruptions", where, result.silent)
+    tally.add("unexpected exceptions", where, result.unexpected)
+    tally.add("other broken promises", where, result.other)
+
+
+def incremental(tally: Tally, work: Path, trials: int, rounds: int, rng: random.Random) -> None:
+    """Incremental saves (format_spec §21.3): kill trials of CheckpointManager(incremental=True, keep_last=2)
+    (before a random I/O call, links included, or after a random delay; roots reused), os.link failing with
+    each errno (every link, one link), every I/O call of an incremental save failed in turn (and each model
+    part's write cut short), every operation of the in-memory backend failed in turn ("copy" included) under
+    both commit strategies, reused parts changed or removed behind the back (and the source retired right
+    after the writer opened it), and rounds of retention and drop_after racing an incremental writer and
+    verifying readers."""
+    steps = 4
+    calls, seconds = inc.count_inc_ops(work / "count", steps)
+    print(
+        f"   {steps} incremental saves make {len(calls)} I/O calls ({sum(c.startswith('link') for c in calls)} links)"
+    )
+    roots = max(1, min(8, trials // 4))
+    for i in range(trials):
+        root = work / "crash" / f"root{i % roots}"
+        result = inc.inc_crash_trial(
+            root, rng, kind="op" if i % 2 == 0 else "time", steps=steps, ops_per_run=len(calls), seconds=seconds
+        )
+        tally.trials += 1
+        tally.faults += 1
+        add_result(tally, f"incremental crash trial {i} ({result.mode}, committed {result.committed})", result)
+    template = inc.template(work / "template")
+    for code in inc.LINK_ERRNOS:
+        for nth in (0, 1, 2):
+            tally.faults += 1
+            tally.add(
+                "other broken promises", "link failure", inc.link_failure_problems(template, work / "l", code, nth)
+            )
+    io = inc.io_calls(template, work / "io-count")
+    for n in range(1, len(io) + 1):
+        for partial in (False, True) if io[n - 1].startswith("write ") else (False,):
+            tally.faults += 1
+            for p in inc.io_sweep_problems(template, work / "io", n, partial=partial):
+                kind = "unexpected exceptions" if ": raised " in p else "other broken promises"
+                lost = "the root changed" in p or "loading the root" in p or "loads step" in p
+                tally.add("checkpoints lost" if lost else kind, "incremental io sweep", [p])
+    for strategy in faults.STRATEGIES:
+        operations = inc.memory_operations(strategy)
+        for nth in range(1, len(operations) + 1):
+            tally.faults += 1
+            code = rng.choice(faults.storage.ERRNOS)
+            for p in inc.memory_fault_problems(strategy, nth, code):
+                kind = "unexpected exceptions" if ": raised " in p else "other broken promises"
+                tally.add("checkpoints lost" if "newest is step" in p else kind, "memory faults", [p])
+    for case in inc.BEHIND_CASES:
+        tally.faults += 1
+        tally.corrupt_inputs += 1
+        for p in inc.behind_the_back_problems(case, work / "behind" / case / "root"):
+            tally.add(
+                "silent corruptions" if "wrong:" in p else "other broken promises", f"behind the back {case}", [p]
+            )
+    for r in range(rounds):
+        counts, result = inc.race_round(work / f"race{r}", steps=20)
+        tally.faults += 1
+        tally.concurrent_loads += counts["loads"]
+        tally.concurrent_not_found += counts["not_found"]
+        print(f"   race round {r}: {json.dumps(counts)}", flush=True)
+        add_result(tally, f"incremental race round {r}", result)
+
+
+def incremental_s3(tally: Tally, work: Path, trials: int, rng: random.Random, s3: remote.S3) -> None:
+    """Incremental saves on S3: unchanged parts reused by CopyObject, the source object deleted or replaced
+    right before the copy, and kill trials of an incremental save (roots reused)."""
+    for case in ("plain", "deleted", "replaced"):
+        info, problems = inc.s3_reuse_problems(s3, f"reuse-{case}", case)
+        tally.faults += 1
+        # moto ignores CopySourceIfMatch: a source replaced after its ETag was read is copied, and the new
+        # checkpoint is then refused naming the part (on S3 itself the copy is refused and the part written)
+        moto = [p for p in problems if case == "replaced" and "step 2 does not load" in p and info["changed"] in p]
+        tally.add("other broken promises", f"s3 reuse {case}", [p for p in problems if p not in moto])
+        print(f"   s3 reuse {case}: {info['copies']} server-side copies, same objects {len(info['same'])}", flush=True)
+    server = faults.fork_server()
+    server.preload(remote.S3_MODULES)
+    server.run([inc.s3_job(s3, "count")], work / "count0")
+    started = time.monotonic()
+    [(status, lines)] = server.run([inc.s3_job(s3, "count")], work / "count1")
+    seconds = time.monotonic() - started
+    if status != 0:
+        raise RuntimeError(f"the incremental S3 writer failed: {server.errors()}")
+    calls = json.loads(lines[-1])
+    print(f"   an incremental S3 save makes {len(calls)} calls ({calls.count('CopyObject')} copies) in {seconds:.2f} s")
+    roots = max(1, min(4, trials // 5))
+    for i in range(trials):
+        result = inc.s3_inc_crash_trial(
+            server, s3, f"crash{i % roots}", rng, calls=len(calls), seconds=seconds, workdir=work / "worker"
+        )
+        tally.trials += 1
+        tally.faults += 1
+        add_result(tally, f"incremental s3 crash trial {i} ({result.mode}, loaded {result.loaded})", result)
 
 
 def remote_reads(tally: Tally, rng: random.Random, s3: remote.S3 | None, s3_sample: int) -> None:
@@ -507,6 +609,9 @@ def report(tally: Tally, seed: int, work: Path, args: argparse.Namespace | None 
             "flips",
             "concurrency_rounds",
             "s3_reads",
+            "inc_trials",
+            "inc_rounds",
+            "inc_s3_trials",
         )
         print("  " + ", ".join(f"{k.replace('_', '-')} {getattr(args, k)}" for k in options))
     rows = [
@@ -560,6 +665,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--s3-trials", type=int, default=10, help="kill trials against the local S3 server")
     parser.add_argument("--import-examples", type=int, default=1000, help="random mutations of import sources")
     parser.add_argument("--s3-reads", type=int, default=6, help="read-fault cases tried on S3 (all on memory://)")
+    parser.add_argument("--inc-trials", type=int, default=20, help="kill trials of incremental saves (local)")
+    parser.add_argument("--inc-rounds", type=int, default=2, help="rounds of retention racing incremental saves")
+    parser.add_argument("--inc-s3-trials", type=int, default=6, help="kill trials of incremental saves on S3")
     parser.add_argument(
         "--preset",
         choices=sorted(PRESETS),
@@ -611,6 +719,8 @@ def main(argv: list[str] | None = None) -> int:
             "s3-crash": lambda rng: s3_crash(tally, work / "s3-crash", args.s3_trials, rng, s3()),
             "remote-reads": lambda rng: remote_reads(tally, rng, s3() if args.s3_reads else None, args.s3_reads),
             "concurrency": lambda rng: concurrency(tally, work / "concurrency", args.concurrency_rounds),
+            "incremental": lambda rng: incremental(tally, work / "incremental", args.inc_trials, args.inc_rounds, rng),
+            "incremental-s3": lambda rng: incremental_s3(tally, work / "incremental-s3", args.inc_s3_trials, rng, s3()),
         }
         for name in SECTIONS:
             if name in args.only:

@@ -79,10 +79,11 @@ class Staging(Protocol):
 
     def create(self, name: str) -> WriteFile: ...
     def sync(self, name: str) -> None: ...
-    def reuse(self, name: str, source: CheckpointDir, source_name: str) -> bool:
+    def reuse(self, name: str, source: CheckpointDir, source_name: str, opened: ReadFile | None = None) -> bool:
         """Make the committed file ``source_name`` of ``source`` (a checkpoint of the same root) the file
         ``name`` of this checkpoint without passing its bytes through this process: a hard link, a
-        server-side copy. False when it cannot; the caller then writes the file (format_spec §21.3)."""
+        server-side copy; only while it is still the file ``opened`` (whose bytes the caller checked).
+        False when it cannot; the caller then writes the file (format_spec §21.3)."""
         ...
 
     def commit(self) -> str:

@@ -23,7 +23,7 @@ from typing import ClassVar
 
 from portable_ckpt.errors import CheckpointCorruptedError, CheckpointExistsError, CheckpointNotFoundError
 from portable_ckpt.format import names
-from portable_ckpt.storage.base import CheckpointDir, CommitStrategy, Kind, point_latest
+from portable_ckpt.storage.base import CheckpointDir, CommitStrategy, Kind, ReadFile, point_latest
 
 _CHUNK = 1 << 30  # a single read or write moves at most ~2 GiB on Linux
 
@@ -80,6 +80,9 @@ class LocalFile:
 
     def pread_into(self, view: memoryview, offset: int) -> int:
         return os.preadv(self._f.fileno(), [view], offset)
+
+    def fileno(self) -> int:
+        return self._f.fileno()
 
     def mmap_path(self) -> str | None:
         proc = f"/proc/self/fd/{self._f.fileno()}"
@@ -316,10 +319,11 @@ class LocalStaging:
     def sync(self, name: str) -> None:
         fsync_path(self._dir() / name)
 
-    def reuse(self, name: str, source: CheckpointDir, source_name: str) -> bool:
-        """A hard link to ``source``'s regular file (never a symlink); False where none can be made (another
-        backend, another file system, the file removed meanwhile). The directory's sync at commit makes the
-        new entry durable; the file's data were synced when the source was written."""
+    def reuse(self, name: str, source: CheckpointDir, source_name: str, opened: ReadFile | None = None) -> bool:
+        """A hard link to ``source``'s regular file (never a symlink), checked to be the very file ``opened``
+        (the one whose bytes were checked) when given; False where none can be made (another backend, another
+        file system, the file removed or replaced meanwhile). The directory's sync at commit makes the new
+        entry durable; the file's data were synced when the source was written."""
         if not isinstance(source, LocalDir):
             return False
         target = self._dir() / name
@@ -327,6 +331,10 @@ class LocalStaging:
             before = os.stat(source_name, dir_fd=source.fd, follow_symlinks=False)
             if not stat.S_ISREG(before.st_mode):
                 return False
+            if isinstance(opened, LocalFile):
+                held = os.fstat(opened.fileno())
+                if (held.st_ino, held.st_dev) != (before.st_ino, before.st_dev):
+                    return False
             os.link(source_name, target, src_dir_fd=source.fd, follow_symlinks=False)
         except OSError:
             return False

@@ -27,7 +27,7 @@ from portable_ckpt.errors import (
     CheckpointNotFoundError,
 )
 from portable_ckpt.format import names
-from portable_ckpt.storage.base import CheckpointDir, CommitStrategy, Kind, point_latest
+from portable_ckpt.storage.base import CheckpointDir, CommitStrategy, Kind, ReadFile, point_latest
 from portable_ckpt.storage.local import owner_alive
 
 SCHEME = "memory://"
@@ -332,8 +332,9 @@ class MemoryStaging:
     def sync(self, name: str) -> None:
         self.root.store.faults.check("sync", f"{self.dir}/{name}")
 
-    def reuse(self, name: str, source: CheckpointDir, source_name: str) -> bool:
-        """The source's object under a second key, as a server-side copy does (no bytes through the writer)."""
+    def reuse(self, name: str, source: CheckpointDir, source_name: str, opened: ReadFile | None = None) -> bool:
+        """The source's object under a second key, as a server-side copy does (no bytes through the writer),
+        only while it is the object ``opened`` read."""
         if self.done:
             raise RuntimeError("this staging area was already committed or aborted")
         if not isinstance(source, MemoryDir) or source.store is not self.root.store:
@@ -342,6 +343,8 @@ class MemoryStaging:
         with self.root.store.lock:
             data = self.root.store.objects.get(key)
         if data is None or data is not source.objects.get(source_name):  # removed or replaced since opened
+            return False
+        if isinstance(opened, MemoryFile) and opened._data is not data:
             return False
         try:
             self.root.store.put(f"{self.dir}/{name}", data, op="copy")

@@ -38,7 +38,7 @@ from portable_ckpt.errors import (
     CheckpointNotFoundError,
 )
 from portable_ckpt.format import names
-from portable_ckpt.storage.base import CheckpointDir, CommitStrategy, Kind, point_latest
+from portable_ckpt.storage.base import CheckpointDir, CommitStrategy, Kind, ReadFile, point_latest
 from portable_ckpt.storage.local import owner_alive
 
 # schemes with their own backends; fsspec knows them too, but they are not object stores for us
@@ -449,8 +449,9 @@ class FsspecFile:
     the extra memory is ``(concurrency + 1) * get_size`` (with the piece being copied) whatever the size.
     """
 
-    def __init__(self, storage: FsspecStorage, key: str, size: int) -> None:
+    def __init__(self, storage: FsspecStorage, key: str, size: int, etag: str | None = None) -> None:
         self.storage, self.key, self.size = storage, key, size
+        self.etag = etag  # the object's ETag when it was opened (S3), for a copy conditional on it
         self.url = storage.key_url(key)
         self.pos = 0
         self.buf: bytes = b""
@@ -726,7 +727,7 @@ class FsspecDir:
             found = self.storage.info(self.storage._key(name))
         if found is None or found.get("type") != "file":
             raise CheckpointNotFoundError(f"{url}: {name} was deleted since the checkpoint was opened", file=url)
-        return FsspecFile(self.storage, self.storage._key(name), int(found["size"]))
+        return FsspecFile(self.storage, self.storage._key(name), int(found["size"]), found.get("ETag"))
 
     def kind(self, name: str) -> Kind | None:
         if name in self.objects:
@@ -805,10 +806,11 @@ class FsspecStaging:
     def sync(self, name: str) -> None:
         pass  # an object is durable once its writer's close() returned
 
-    def reuse(self, name: str, source: CheckpointDir, source_name: str) -> bool:
+    def reuse(self, name: str, source: CheckpointDir, source_name: str, opened: ReadFile | None = None) -> bool:
         """A server-side copy of the source's object (S3 CopyObject: no byte passes through this process), on
-        S3 only while the object keeps the ETag it had when the checkpoint was opened; False where it cannot
-        (another store or bucket, the object removed or replaced meanwhile, the copy refused)."""
+        S3 conditional on the ETag the object had when ``opened`` (its header read, its checksums compared);
+        False where it cannot (another store or bucket, the object removed or replaced meanwhile, the copy
+        refused)."""
         if self.done:
             raise RuntimeError("this staging area was already committed or aborted")
         if not isinstance(source, FsspecDir) or source.storage.fs is not self.root.fs:
@@ -819,7 +821,9 @@ class FsspecStaging:
                 found = self.root.info(src)
                 if found is None or found.get("type") != "file":
                     return False
-                tag = found.get("ETag")
+                tag = opened.etag if isinstance(opened, FsspecFile) and opened.etag else found.get("ETag")
+                if isinstance(opened, FsspecFile) and opened.etag and found.get("ETag") != opened.etag:
+                    return False  # replaced since it was opened
                 options = {"CopySourceIfMatch": tag} if tag and self.root.scheme in MULTIPART else {}
                 self.root.fs.cp_file(src, dst, **options)
                 copied = self.root.info(dst)

@@ -19,6 +19,10 @@
   sharded index naming a missing shard, a damaged ``trainer_state.json``), and random mutations of them;
 - :mod:`faults.remote`: kill trials against a local S3 server (moto), objects of ``memory://`` and S3
   roots changed between listing and reading, a ``latest`` naming a step without a manifest;
+- :mod:`faults.incremental`: incremental saves (format_version 3): a model with frozen and trainable parts,
+  kill trials of an incremental writer, ``os.link`` and every other I/O call (and every in-memory operation,
+  ``copy`` included) failing, reused parts changed or removed behind the checkpoints' back, retention and
+  ``drop_after`` racing a save that links, server-side copies on S3 (its child roles: ``inc-*``);
 - :mod:`faults.roles` and :mod:`faults.processes`: the child processes (``python tests/faults ROLE ...``)
   of the crash, disk-full and concurrency tests, forked by one fork server.
 
@@ -40,6 +44,7 @@ from faults.crash import (
 from faults.damage import edit_bytes
 from faults.files import checksum, read_manifest, recompute, st_pack, st_split, tensor_table, write_manifest
 from faults.hostile import RunsCode, evil_raw_pickle, evil_torch_file, payloads
+from faults.incremental import IncModel, inc_crash_trial, inc_load, inc_problems, inc_save, race_round
 from faults.inject import IO_ERRNO, IO_OPS, Hang, Injector, after_open, deadline, peak_rss, replace_with, retire
 from faults.processes import ForkServer, fork_server
 from faults.states import (
@@ -78,6 +83,7 @@ __all__ = [
     "Case",
     "ForkServer",
     "Hang",
+    "IncModel",
     "Injector",
     "Outcome",
     "RunsCode",
@@ -96,6 +102,10 @@ __all__ = [
     "evil_torch_file",
     "fault_problems",
     "fork_server",
+    "inc_crash_trial",
+    "inc_load",
+    "inc_problems",
+    "inc_save",
     "latest_name",
     "leftovers",
     "load_values",
@@ -107,6 +117,7 @@ __all__ = [
     "peak_rss",
     "preserved_rng",
     "quantized_model",
+    "race_round",
     "read_manifest",
     "recompute",
     "reopen",

@@ -1,6 +1,6 @@
-"""Fault injection and limits: failing ``os.write``/``os.fsync``/... at a chosen call (or SIGKILL there),
-another process's retention or overwrite acting right after a file is opened, a deadline (SIGALRM), and
-the peak resident memory of a block.
+"""Fault injection and limits: failing ``os.write``/``os.fsync``/``os.link``/... at a chosen call (or SIGKILL
+there), another process's retention or overwrite acting right after a file is opened, a deadline (SIGALRM),
+and the peak resident memory of a block.
 """
 
 from __future__ import annotations
@@ -79,6 +79,9 @@ IO_OPS: dict[str, Callable[..., str]] = {
     "mkdir": lambda path, *a, **k: os.fspath(path),
     "rename": lambda src, dst, *a, **k: f"{os.fspath(src)} -> {os.fspath(dst)}",
     "replace": lambda src, dst, *a, **k: f"{os.fspath(src)} -> {os.fspath(dst)}",
+    # an incremental save's hard link of a part of the previous checkpoint (format_spec §21.3); the source is
+    # a name relative to the source directory's descriptor, the target a path in the staging directory
+    "link": lambda src, dst, *a, **k: f"{os.fspath(src)} -> {os.fspath(dst)}",
 }
 IO_ERRNO = {
     "write": errno.ENOSPC,
@@ -87,6 +90,7 @@ IO_ERRNO = {
     "mkdir": errno.EDQUOT,
     "rename": errno.EIO,
     "replace": errno.EIO,
+    "link": errno.EXDEV,
 }
 
 

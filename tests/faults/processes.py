@@ -203,7 +203,7 @@ def _fork_jobs(request: dict[str, Any]) -> list[int]:
             os.close(w)
             _worker(lambda argv=argv: main(argv), stdin_fd=r, stdout_path=out)
         os.close(r)
-        workers.append((pid, w, argv[0] == "reader"))
+        workers.append((pid, w, argv[0].endswith("reader")))  # "reader", "inc-reader"
     for _, w, _ in workers:  # every worker is forked and waits for this line: release them together
         os.write(w, b"go\n")
         os.close(w)
@@ -286,6 +286,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--check-latest", action="store_true")
     p.add_argument("--no-verify", action="store_true")
     p.set_defaults(run=role_reader)
+    from faults.incremental import add_roles  # here: faults.incremental imports this module
+
+    add_roles(sub)  # inc-writer, inc-pruner, inc-reader, inc-s3-writer
     args = parser.parse_args(argv)
     args.run(args)
 
