@@ -42,8 +42,8 @@ import portable_ckpt as pc
 from portable_ckpt import state as _state
 from portable_ckpt.convert import format0 as _legacy
 from portable_ckpt.format import jsonio as _jsonio
+from portable_ckpt.format import layout, names
 from portable_ckpt.format import manifest as _manifest
-from portable_ckpt.format import names
 from portable_ckpt.format import safetensors as _safetensors
 from portable_ckpt.format import schemas as _schemas
 from portable_ckpt.format import states as _states
@@ -478,7 +478,52 @@ def check_checkpoint_sharded(value: tuple[str, bytes, bool], workdir: Path) -> N
     _sharded_mutated(workdir, *value)
 
 
-SLOW = {"checkpoint-model.safetensors", "checkpoint-optimizer.pt", "legacy-directory", "checkpoint-sharded"}
+INCREMENTAL = SHARDED.parent / "valid-incremental"
+INCREMENTAL_MANIFEST = json.loads((INCREMENTAL / "manifest.json").read_bytes())
+INCREMENTAL_PARTS = sorted(n for n in INCREMENTAL_MANIFEST["files"] if n.startswith("model-"))
+
+
+def _sealed(doc: Any) -> bytes:
+    """A mutated manifest as an attacker would write it: re-sealed when it is still an object."""
+    if isinstance(doc, dict):
+        return _manifest.encode(doc)
+    return json.dumps(doc).encode()
+
+
+@target(
+    "checkpoint-incremental",
+    st.one_of(
+        st.tuples(st.just("manifest.json"), mutated_doc(INCREMENTAL_MANIFEST).map(_sealed), st.just(False)),
+        st.sampled_from(INCREMENTAL_PARTS).flatmap(
+            lambda name: st.tuples(st.just(name), mutated_bytes((INCREMENTAL / name).read_bytes()), st.booleans())
+        ),
+    ),
+)
+def check_checkpoint_incremental(value: tuple[str, bytes, bool], workdir: Path) -> None:
+    """A format-3 checkpoint (format_spec §21) with its manifest mutated and re-sealed (part names, counts,
+    tables, aliases) or one model part damaged (and maybe re-checksummed): refused by name, or a model state
+    that is the union of the listed parts' tensors, damage never loaded with verify=True."""
+    name, data, recompute = value
+    copy = workdir / "incremental" / "step-00000007"
+    if copy.exists():
+        shutil.rmtree(copy)
+    shutil.copytree(INCREMENTAL, copy)
+    (copy / name).write_bytes(data)
+    if recompute:
+        faults.recompute(copy)
+    for verify in (True, False):
+        try:
+            ckpt = pc.load_checkpoint(copy, verify=verify, restore_rng=False)
+        except pc.CheckpointError:
+            continue
+        if verify and name != "manifest.json" and not recompute:
+            assert data == (INCREMENTAL / name).read_bytes(), "damage loaded with verify=True"
+        assert all(isinstance(t, torch.Tensor) for t in ckpt.model_state.values())
+        stored = {t for n, e in ckpt.manifest["files"].items() if layout.PART.fullmatch(n) for t in e["tensors"]}
+        assert set(ckpt.model_state) == stored | set(ckpt.manifest.get("aliases") or {})
+
+
+SLOW = {"checkpoint-model.safetensors", "checkpoint-optimizer.pt", "legacy-directory", "checkpoint-sharded", "checkpoint-incremental"}
 
 
 def run_target(name: str, examples: int, workdir: Path, *, seed: int | None = None) -> None:
