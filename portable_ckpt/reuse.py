@@ -30,11 +30,15 @@ _CHUNK = 8 << 20
 
 @dataclass
 class Stats:
-    """What an incremental save did: parts reused and written, and their bytes."""
+    """What an incremental save did: parts reused and written (appended to from the writing threads)."""
 
     reused: list[str] = field(default_factory=list)
     written: list[str] = field(default_factory=list)
-    reused_bytes: int = 0
+    sizes: dict[str, int] = field(default_factory=dict)  # of the reused parts
+
+    @property
+    def reused_bytes(self) -> int:
+        return sum(self.sizes.values())
 
 
 @dataclass

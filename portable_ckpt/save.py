@@ -244,7 +244,7 @@ def _write_contents(
             files[name] = entry
             if stats is not None:
                 stats.reused.append(name)
-                stats.reused_bytes += entry["size"]
+                stats.sizes[name] = entry["size"]
 
         if snap.parts is None:
             model_files = {names.MODEL: snap.tensors}
