@@ -1,6 +1,6 @@
 """Reusing unchanged model parts of the previous checkpoint in an incremental save (format_spec §21.3).
 
-``open_source`` holds the checkpoint ``latest`` names open (its manifest verified); ``Source.reuse``
+``open_source`` holds the root's newest committed checkpoint open (its manifest verified); ``Source.reuse``
 makes one of its model parts the new checkpoint's file of the same tensors (hard link, server-side
 copy) when the file this save would write, hashed from memory now, has that part's size and file
 checksum, and the part's header on disk is the one this save would write. Anything that prevents
@@ -17,12 +17,12 @@ from typing import Any
 
 import torch
 
-from portable_ckpt.errors import CheckpointError
+from portable_ckpt.errors import CheckpointError, CheckpointNotFoundError
 from portable_ckpt.files import CheckpointFiles
 from portable_ckpt.format import layout as _layout
+from portable_ckpt.format import names
 from portable_ckpt.format import safetensors as _safetensors
 from portable_ckpt.format.hashing import new_hasher
-from portable_ckpt.root import resolve
 from portable_ckpt.storage import ReadFile, Staging, Storage
 
 _CHUNK = 8 << 20
@@ -108,21 +108,36 @@ def _file_checksum(head: bytes, ordered: list[torch.Tensor]) -> str:
 
 
 def open_source(root: Storage) -> Source | None:
-    """The committed checkpoint ``latest`` names, if it is incremental and readable; else None."""
+    """The newest committed checkpoint of ``root``, if it is incremental and readable; else None.
+
+    Found by listing the root, not through ``latest``: a crash between a commit and the update of ``latest``
+    leaves it naming an older checkpoint, whose parts the next save would reuse less. One retired while it is
+    opened (retention by another process) gives way to the one before it."""
     try:
-        directory = resolve(root)
-        files = CheckpointFiles(directory, verify=False)
+        steps = sorted((s for n in root.listdir() if (s := names.step_of(n)) is not None), reverse=True)
     except (CheckpointError, OSError):
         return None
-    try:
-        if files.manifest["format_version"] != _layout.INCREMENTAL_FORMAT_VERSION:
-            files.close()
+    tried = 0
+    for step in steps:  # the newest first; a step directory without a manifest is not committed
+        if tried == 3:
             return None
-        parts: dict[frozenset[str], list[str]] = {}
-        for name in files.model_files:
-            parts.setdefault(frozenset(files.entries[name]["tensors"]), []).append(name)
-        return Source(files, parts)
-    except (CheckpointError, OSError):
-        with contextlib.suppress(OSError):
-            files.close()
-        return None
+        try:
+            files = CheckpointFiles(root.child(names.step_name(step)), verify=False)
+        except CheckpointNotFoundError:
+            tried += 1
+            continue
+        except (CheckpointError, OSError):
+            return None
+        try:
+            if files.manifest["format_version"] != _layout.INCREMENTAL_FORMAT_VERSION:
+                files.close()
+                return None
+            parts: dict[frozenset[str], list[str]] = {}
+            for name in files.model_files:
+                parts.setdefault(frozenset(files.entries[name]["tensors"]), []).append(name)
+            return Source(files, parts)
+        except (CheckpointError, OSError):
+            with contextlib.suppress(OSError):
+                files.close()
+            return None
+    return None

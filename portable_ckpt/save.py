@@ -312,7 +312,7 @@ def write(
 ) -> Path | str:
     """Write a snapshot as ``<directory>/step-NNNNNNNN`` and commit it by the storage's strategy
     (a temporary directory renamed into place, or the manifest written last). An incremental snapshot
-    reuses the unchanged model parts of the checkpoint ``latest`` names (format_spec §21.3); ``stats``
+    reuses the unchanged model parts of the root's newest committed checkpoint (format_spec §21.3); ``stats``
     collects which."""
     root = storage_for(directory)
     staging: Staging | None = None
@@ -381,7 +381,7 @@ def save_checkpoint(
 
     ``incremental=True`` writes the model state in frozen and trainable parts of at most ``part_bytes``
     (format_version 3) and hard-links (or, on object stores, copies server-side) every part whose tensors
-    are unchanged since the checkpoint ``latest`` names, instead of writing it (README "Incremental saves").
+    are unchanged since the root's newest committed checkpoint, instead of writing it (README "Incremental saves").
 
     >>> save_checkpoint(model, optimizer, {"lr": 3e-4}, ["a", "b"], 100)  # doctest: +SKIP
     PosixPath('checkpoints/step-00000100')

@@ -420,7 +420,8 @@ def incremental(tally: Tally, work: Path, trials: int, rounds: int, rng: random.
 
 def incremental_s3(tally: Tally, work: Path, trials: int, rng: random.Random, s3: remote.S3) -> None:
     """Incremental saves on S3: unchanged parts reused by CopyObject, the source object deleted or replaced
-    right before the copy, and kill trials of an incremental save (roots reused)."""
+    right before the copy, and kill trials of an incremental save (roots reused; prefixes of their own: the
+    s3-crash section's roots in the same bucket hold other checkpoints)."""
     for case in ("plain", "deleted", "replaced"):
         info, problems = inc.s3_reuse_problems(s3, f"reuse-{case}", case)
         tally.faults += 1
@@ -431,9 +432,9 @@ def incremental_s3(tally: Tally, work: Path, trials: int, rng: random.Random, s3
         print(f"   s3 reuse {case}: {info['copies']} server-side copies, same objects {len(info['same'])}", flush=True)
     server = faults.fork_server()
     server.preload(remote.S3_MODULES)
-    server.run([inc.s3_job(s3, "count")], work / "count0")
+    server.run([inc.s3_job(s3, "inc-count")], work / "count0")
     started = time.monotonic()
-    [(status, lines)] = server.run([inc.s3_job(s3, "count")], work / "count1")
+    [(status, lines)] = server.run([inc.s3_job(s3, "inc-count")], work / "count1")
     seconds = time.monotonic() - started
     if status != 0:
         raise RuntimeError(f"the incremental S3 writer failed: {server.errors()}")
@@ -442,7 +443,7 @@ def incremental_s3(tally: Tally, work: Path, trials: int, rng: random.Random, s3
     roots = max(1, min(4, trials // 5))
     for i in range(trials):
         result = inc.s3_inc_crash_trial(
-            server, s3, f"crash{i % roots}", rng, calls=len(calls), seconds=seconds, workdir=work / "worker"
+            server, s3, f"inc-crash{i % roots}", rng, calls=len(calls), seconds=seconds, workdir=work / "worker"
         )
         tally.trials += 1
         tally.faults += 1

@@ -523,7 +523,13 @@ def check_checkpoint_incremental(value: tuple[str, bytes, bool], workdir: Path) 
         assert set(ckpt.model_state) == stored | set(ckpt.manifest.get("aliases") or {})
 
 
-SLOW = {"checkpoint-model.safetensors", "checkpoint-optimizer.pt", "legacy-directory", "checkpoint-sharded", "checkpoint-incremental"}
+SLOW = {
+    "checkpoint-model.safetensors",
+    "checkpoint-optimizer.pt",
+    "legacy-directory",
+    "checkpoint-sharded",
+    "checkpoint-incremental",
+}
 
 
 def run_target(name: str, examples: int, workdir: Path, *, seed: int | None = None) -> None:

@@ -377,3 +377,17 @@ def test_a_step_directory_with_parts_but_no_manifest_is_incomplete(tmp_path):
     path.rename(moved)
     with pytest.raises(pc.CheckpointNotFoundError, match=r"manifest\.json is missing; the checkpoint is incomplete"):
         pc.load_checkpoint(moved)
+
+
+def test_the_source_is_the_newest_checkpoint_even_when_latest_is_stale(tmp_path):
+    """A crash between a commit and the update of ``latest`` leaves it naming an older step: the next save
+    still reuses from the newest committed one (found by listing), so the part trained since is linked."""
+    model, opt = _setup()
+    _save_stats(model, opt, 1, tmp_path)
+    _train(model, opt, 1)
+    _save_stats(model, opt, 2, tmp_path)
+    (tmp_path / "latest").write_text("step-00000001\n")
+    path, stats = _save_stats(model, opt, 3, tmp_path)
+    assert stats.written == [] and len(stats.reused) == len(_parts(Path(path)))
+    head = _parts(Path(path))[-1]
+    assert os.path.samefile(tmp_path / "step-00000002" / head, Path(path) / head)
