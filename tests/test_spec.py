@@ -236,7 +236,10 @@ def test_limits_and_names_in_the_spec_are_the_code_and_schema():
     }
     assert by_version[1]["maxProperties"] == 64 and by_version[1]["required"] == ["model.safetensors"]
     assert by_version[2]["maxProperties"] == 100_000 and by_version[2]["required"] == ["sharding.json"]
-    assert "at most 64 (format_version 2: at most 100,000)" in SPEC
+    assert by_version[3]["maxProperties"] == 100_000 and "required" not in by_version[3]  # parts: §21.1's rules
+    assert "at most 64 (format_versions 2 and 3: at most 100,000)" in SPEC
+    assert f"`{spec_reader.MODEL_PART.pattern}`" in SPEC
+    assert spec_reader.MODEL_PART.pattern == _names.MODEL_PART.pattern
 
 
 def test_pickle_files_have_no_zip_crc_as_the_spec_says():
