@@ -1024,7 +1024,7 @@ def s3_inc_crash_trial(
     """One kill trial of an incremental save into the S3 root ``prefix`` (holding the steps earlier trials
     left): killed before a random S3 call (``kill_op``, when given) or after a random delay. Then ``latest`` names the old or the new
     step, every committed step loads verified with its values, and the next manager removes every leftover."""
-    from faults.remote import _committed, _step_of_latest
+    from faults.remote import _committed, _step_of_latest, check_after_kill
     from portable_ckpt.format import names
 
     before = s3.objects(prefix)
@@ -1040,41 +1040,15 @@ def s3_inc_crash_trial(
     result = TrialResult(mode, [step] if status == 0 else [], None)
     if status not in (0, -signal.SIGKILL):
         result.other.append(f"the writer failed ({status}): {server.errors()[-1500:]}")
-    after = s3.objects(prefix)
-    latest_after = _step_of_latest(s3.read(prefix, names.LATEST))
-    if latest_after not in (latest_before, step):
-        result.other.append(f"latest went from {latest_before} to {latest_after} (saving step {step})")
-    if status == 0 and latest_after != step:
-        result.lost.append(f"the save of step {step} returned, but latest names {latest_after}")
-    for old in (s for s in _committed(before) if s >= step - 1):
-        mine = f"{names.step_name(old)}/"
-        if {k: v for k, v in after.items() if k.startswith(mine)} != {
-            k: v for k, v in before.items() if k.startswith(mine)
-        }:
-            result.lost.append(f"step {old}, committed before the save, changed")
-    for s in _committed(after):
-        try:
-            _, problems = inc_load(f"{s3.url(prefix)}/{names.step_name(s)}")
-            result.silent += [f"step {s}: {p}" for p in problems]
-        except pc.CheckpointError as e:
-            result.lost.append(f"step {s} is committed but does not load: {type(e).__name__}: {e}")
-        except Exception as e:  # anything else is a finding
-            result.unexpected.append(f"step {s}: {type(e).__module__}.{type(e).__qualname__}: {e}")
-    try:
-        result.loaded, problems = inc_load(s3.url(prefix))
-        result.silent += [f"the root loaded step {result.loaded}: {p}" for p in problems]
-    except pc.CheckpointNotFoundError as e:
-        if _committed(after):
-            result.lost.append(f"loading the root: {e}")
-    except pc.CheckpointError as e:
-        result.lost.append(f"loading the root: {type(e).__name__}: {e}")
-    try:
-        inc_manager(s3.url(prefix))
-        now = s3.objects(prefix)
-        kept = _committed(now)
-        left = [k for k in now if k.startswith(".") or ("/" in k and names.step_of(k.split("/")[0]) not in kept)]
-        if left:
-            result.other.append(f"leftovers after CheckpointManager opened the root: {sorted(left)[:6]}")
-    except pc.CheckpointError as e:
-        result.other.append(f"CheckpointManager failed to open the root: {type(e).__name__}: {e}")
+    check_after_kill(
+        s3,
+        prefix,
+        result,
+        step=step,
+        saved=status == 0,
+        before=before,
+        latest_before=latest_before,
+        load=inc_load,
+        reopen=inc_manager,
+    )
     return result

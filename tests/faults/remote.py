@@ -182,11 +182,42 @@ def s3_crash_trial(
     result = TrialResult(mode, [step] if status == 0 else [], None)
     if status not in (0, -signal.SIGKILL):
         result.other.append(f"the writer failed ({status}): {server.errors()}")
+    check_after_kill(
+        s3,
+        prefix,
+        result,
+        step=step,
+        saved=status == 0,
+        before=before,
+        latest_before=latest_before,
+        load=load_values,
+        reopen=lambda url: pc.CheckpointManager(url, keep_last=2),
+    )
+    return result
+
+
+def check_after_kill(
+    s3: S3,
+    prefix: str,
+    result: TrialResult,
+    *,
+    step: int,
+    saved: bool,
+    before: dict[str, str],
+    latest_before: int | None,
+    load: Callable[[str], tuple[int, list[str]]],
+    reopen: Callable[[str], object],
+) -> None:
+    """The S3 root ``prefix`` after a writer of ``step`` was killed (or, ``saved``, returned): ``latest`` names
+    the old or the new step and a committed one; the steps committed before are untouched (but for retention,
+    keep_last=2); every committed step loads verified with the values ``load`` expects, and so does the root,
+    no older than ``latest`` was; the next manager (``reopen``) removes every leftover. Adds to ``result``."""
     after = s3.objects(prefix)
     latest_after = _step_of_latest(s3.read(prefix, names.LATEST))
+    committed_before = _committed(before)
     if latest_after not in (latest_before, step):
         result.other.append(f"latest went from {latest_before} to {latest_after} (saving step {step})")
-    if status == 0 and latest_after != step:
+    if saved and latest_after != step:
         result.lost.append(f"the save of step {step} returned, but latest names {latest_after}")
     if latest_after is not None and latest_after not in _committed(after):
         result.other.append(f"latest names step {latest_after}, which has no manifest")
@@ -198,14 +229,14 @@ def s3_crash_trial(
             result.lost.append(f"step {old}, committed before the save, changed")
     for s in _committed(after):
         try:
-            _, problems = load_values(f"{s3.url(prefix)}/{names.step_name(s)}")
+            _, problems = load(f"{s3.url(prefix)}/{names.step_name(s)}")
             result.silent += [f"step {s}: {p}" for p in problems]
         except pc.CheckpointError as e:
             result.silent.append(f"step {s} is committed but does not load: {type(e).__name__}: {e}")
         except Exception as e:  # anything else is a finding
             result.unexpected.append(f"step {s}: {type(e).__module__}.{type(e).__qualname__}: {e}")
     try:
-        loaded, problems = load_values(s3.url(prefix))
+        loaded, problems = load(s3.url(prefix))
         result.loaded = loaded
         result.silent += [f"the root loaded step {loaded}: {p}" for p in problems]
         if loaded not in _committed(after):
@@ -220,7 +251,7 @@ def s3_crash_trial(
     except Exception as e:  # anything else is a finding
         result.unexpected.append(f"loading the root: {type(e).__module__}.{type(e).__qualname__}: {e}")
     try:
-        pc.CheckpointManager(s3.url(prefix), keep_last=2)  # the next run opens the root: it cleans up
+        reopen(s3.url(prefix))  # the next run opens the root: it cleans up
         now = s3.objects(prefix)
         kept = _committed(now)
         # a pending marker (".pending-..."), or an object of a step directory without a manifest
@@ -229,7 +260,6 @@ def s3_crash_trial(
             result.other.append(f"leftovers after CheckpointManager opened the root: {sorted(left)[:6]}")
     except pc.CheckpointError as e:
         result.other.append(f"CheckpointManager failed to open the root: {type(e).__name__}: {e}")
-    return result
 
 
 # --------------------------------------------------------------------------------------------------
