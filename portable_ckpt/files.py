@@ -123,7 +123,7 @@ class CheckpointFiles:
                 file=self.label(name),
             )
 
-    def _hash_file(self, f: ReadFile) -> str:
+    def hash_file(self, f: ReadFile) -> str:
         """The checksum of the whole file: hashed from its pages in place where it can be mapped (no copy
         into a buffer first: the hash then costs what reading memory costs), else read in chunks."""
         h = new_hasher()
@@ -147,7 +147,7 @@ class CheckpointFiles:
         """Check kind and size, and the checksum when verifying."""
         with self.opened(name) as f:
             if self.verify:
-                self.check_digest(name, self._hash_file(f))
+                self.check_digest(name, self.hash_file(f))
 
     def read_bytes(self, name: str) -> bytes:
         with self.opened(name) as f:
@@ -187,7 +187,7 @@ class CheckpointFiles:
         backend gives a path to it), with the format's unpickling rules."""
         with self.opened(name) as f:
             if self.verify:
-                self.check_digest(name, self._hash_file(f))
+                self.check_digest(name, self.hash_file(f))
             path = f.mmap_path()
             if path is not None:
                 return _pt.load(path, self.label(name), map_location)
@@ -208,11 +208,13 @@ def check_tensor_table(files: CheckpointFiles, header: _safetensors.Header, name
         )
 
 
-@contextlib.contextmanager
-def model_headers(files: CheckpointFiles) -> Iterator[list[tuple[str, ReadFile, _safetensors.Header, bytes]]]:
-    """Every model file opened, its header read and checked against its tensor table: (name, file,
-    header, raw header bytes) in part order. The files stay open for the block."""
-    opened: list[tuple[str, ReadFile, _safetensors.Header, bytes]] = []
+ModelFile = tuple[str, ReadFile, _safetensors.Header, bytes]  # name, open file, header, raw header bytes
+
+
+def open_model_files(files: CheckpointFiles) -> list[ModelFile]:
+    """Every model file opened, its header read and checked against its tensor table, in part order; the
+    caller closes them (they stay readable after ``files`` is closed). On an error none is left open."""
+    opened: list[ModelFile] = []
     try:
         for name in files.model_files:
             f = files.open(name)
@@ -223,13 +225,25 @@ def model_headers(files: CheckpointFiles) -> Iterator[list[tuple[str, ReadFile, 
                 f.close()
                 raise
             opened.append((name, f, header, raw))
+    except BaseException:
+        for _, f, _, _ in opened:
+            f.close()
+        raise
+    return opened
+
+
+@contextlib.contextmanager
+def model_headers(files: CheckpointFiles) -> Iterator[list[ModelFile]]:
+    """``open_model_files``, the files open for the block."""
+    opened = open_model_files(files)
+    try:
         yield opened
     finally:
         for _, f, _, _ in opened:
             f.close()
 
 
-def merged_header(parts: list[tuple[str, ReadFile, _safetensors.Header, bytes]]) -> _safetensors.Header:
+def merged_header(parts: list[ModelFile]) -> _safetensors.Header:
     """One header listing the tensors of every model file (for the checks on the whole model state)."""
     if len(parts) == 1:
         return parts[0][2]

@@ -90,14 +90,7 @@ class CheckpointManager:
         incremental: bool = False,
         part_bytes: int = PART_BYTES,
     ) -> None:
-        if type(incremental) is not bool:
-            raise CheckpointInputError(f"incremental must be True or False, found {incremental!r}")
-        if incremental and _save.distributed():
-            raise CheckpointInputError(
-                "incremental=True is for one process (format_version 3); under a process group every save is "
-                "sharded (format_version 2): pass incremental=False"
-            )
-        self.incremental = incremental
+        self.incremental = _save.incremental_option(incremental)
         self.part_bytes = part_bytes
         self.storage = storage_for(root)
         self.root = display(self.storage)

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from portable_ckpt.errors import CheckpointCorruptedError, CheckpointInputError
-from portable_ckpt.files import CheckpointFiles, check_aliases, check_tensor_table
+from portable_ckpt.files import CheckpointFiles, check_aliases, open_model_files
 from portable_ckpt.format import names
 from portable_ckpt.format import safetensors as _safetensors
 from portable_ckpt.format import sharding as _sharding
@@ -214,24 +214,15 @@ def open_checkpoint(path: str | os.PathLike[str] | Storage) -> CheckpointReader:
         except BaseException:
             files.close()
             raise
-    opened: list[tuple[str, ReadFile, _safetensors.Header]] = []
+    with files:
+        manifest = files.manifest
+        opened = open_model_files(files)  # checks kind, size, header, tensor table; open after files closes
     try:
-        with files:
-            manifest = files.manifest
-            for name in files.model_files:
-                f = files.open(name)  # checks kind and size; stays open after the directory is released
-                try:
-                    header, _ = files.read_header(f, name)
-                except BaseException:
-                    f.close()
-                    raise
-                opened.append((name, f, header))
-                check_tensor_table(files, header, name)
-        stored = {n for _, _, header in opened for n in header.names()}
+        stored = {n for _, _, header, _ in opened for n in header.names()}
         label = files.label(opened[0][0]) if len(opened) == 1 else files.label(names.MANIFEST)
         check_aliases(stored, manifest.get("aliases") or {}, label)
-        return CheckpointReader(display(directory), manifest, opened)
+        return CheckpointReader(display(directory), manifest, [(name, f, header) for name, f, header, _ in opened])
     except BaseException:
-        for _, f, _ in opened:
+        for _, f, _, _ in opened:
             f.close()
         raise

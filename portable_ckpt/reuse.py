@@ -23,9 +23,7 @@ from portable_ckpt.format import layout as _layout
 from portable_ckpt.format import names
 from portable_ckpt.format import safetensors as _safetensors
 from portable_ckpt.format.hashing import new_hasher
-from portable_ckpt.storage import ReadFile, Staging, Storage
-
-_CHUNK = 8 << 20
+from portable_ckpt.storage import Staging, Storage
 
 
 @dataclass
@@ -74,28 +72,13 @@ class Source:
                     # A local file can have rotted since it was written: its bytes are hashed too, so a damaged
                     # part is written afresh instead of carried into this checkpoint. (Objects of a store are
                     # checksummed by the store; the copy is conditional on the object read.)
-                    if f.mmap_path() is not None and _read_checksum(f) != entry["checksum"]:
+                    if f.mmap_path() is not None and self.files.hash_file(f) != entry["checksum"]:
                         continue
                     if staging.reuse(name, self.files.dir, candidate, f):
                         return {"size": entry["size"], "checksum": entry["checksum"], "tensors": dict(entry["tensors"])}
             except (CheckpointError, OSError):  # gone or changed since the manifest was read: write it
                 continue
         return None
-
-
-def _read_checksum(f: ReadFile) -> str:
-    """The checksum of a file's bytes as they are now, read in pieces into one buffer."""
-    h = new_hasher()
-    buf = bytearray(min(_CHUNK, max(f.size, 1)))
-    view = memoryview(buf)
-    pos = 0
-    while pos < f.size:
-        n = f.pread_into(view[: min(len(buf), f.size - pos)], pos)
-        if not n:
-            raise OSError(f"{f.size - pos} bytes short")
-        h.update(view[:n])
-        pos += n
-    return h.hexdigest()
 
 
 def _file_checksum(head: bytes, ordered: list[torch.Tensor]) -> str:

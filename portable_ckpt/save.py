@@ -386,14 +386,10 @@ def save_checkpoint(
     >>> save_checkpoint(model, optimizer, {"lr": 3e-4}, ["a", "b"], 100)  # doctest: +SKIP
     PosixPath('checkpoints/step-00000100')
     """
+    incremental = incremental_option(incremental)
     if distributed():  # every rank calls this: one sharded checkpoint through DCP (format_spec §20)
         from portable_ckpt.dcp import collective
 
-        if incremental:
-            raise CheckpointInputError(
-                "incremental=True is for one process (format_version 3); under a process group every save is "
-                "sharded (format_version 2): pass incremental=False"
-            )
         return collective.save(
             model,  # type: ignore[arg-type]
             optimizer,
@@ -421,6 +417,19 @@ def save_checkpoint(
         part_bytes=part_bytes,
     )
     return write(snap, directory, overwrite=overwrite)
+
+
+def incremental_option(incremental: Any) -> bool:
+    """``incremental=``: True or False, and True only without a process group (an incremental checkpoint,
+    format_version 3, is one process's; under a process group every save is sharded)."""
+    if type(incremental) is not bool:
+        raise CheckpointInputError(f"incremental must be True or False, found {incremental!r}")
+    if incremental and distributed():
+        raise CheckpointInputError(
+            "incremental=True is for one process (format_version 3); under a process group every save is "
+            "sharded (format_version 2): pass incremental=False"
+        )
+    return incremental
 
 
 def distributed() -> bool:

@@ -391,3 +391,21 @@ def test_the_source_is_the_newest_checkpoint_even_when_latest_is_stale(tmp_path)
     assert stats.written == [] and len(stats.reused) == len(_parts(Path(path)))
     head = _parts(Path(path))[-1]
     assert os.path.samefile(tmp_path / "step-00000002" / head, Path(path) / head)
+
+
+def test_incremental_is_refused_under_a_process_group(tmp_path):
+    """Under a process group every save is sharded (format_version 2): incremental=True is refused by
+    save_checkpoint and CheckpointManager before anything is written."""
+    import torch.distributed as dist
+
+    store = dist.HashStore()
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        model, opt = _setup()
+        with pytest.raises(pc.CheckpointInputError, match="incremental=True is for one process"):
+            pc.save_checkpoint(model, opt, {}, None, 1, tmp_path, incremental=True)
+        with pytest.raises(pc.CheckpointInputError, match="incremental=True is for one process"):
+            pc.CheckpointManager(tmp_path, incremental=True)
+    finally:
+        dist.destroy_process_group()
+    assert not any(p.name.startswith("step-") for p in tmp_path.iterdir())
