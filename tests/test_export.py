@@ -214,3 +214,14 @@ def test_cli_export_prints_the_folder_and_each_change(tmp_path, capsys):
     assert torch.equal(logits(from_pretrained(tmp_path / "hf")), logits(model))
     assert main(["export", str(path), str(tmp_path / "ct"), "--to", "compressed-tensors", "--json"]) == 1
     assert "CheckpointInputError: " in capsys.readouterr().err
+
+
+def test_hf_export_of_an_incremental_checkpoint_gives_the_same_logits(tmp_path):
+    """An incremental checkpoint (format_version 3: the model in parts, the tied head an alias) exports like
+    a format-1 one."""
+    model = tiny_llama(tie=True)
+    model.model.embed_tokens.weight.requires_grad_(False)
+    path = save_checkpoint(model, None, hf_config(model), None, 1, tmp_path / "inc", incremental=True, part_bytes=8192)
+    assert json.loads((path / "manifest.json").read_text())["format_version"] == 3
+    report = export_checkpoint(path, tmp_path / "hf", to="hf")
+    assert torch.equal(logits(from_pretrained(report.path)), logits(model))

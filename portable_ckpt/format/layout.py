@@ -74,8 +74,9 @@ def _corrupt(label: str, message: str) -> CheckpointCorruptedError:
 def split(
     tensors: Mapping[str, torch.Tensor], trainable: frozenset[str], part_bytes: int = PART_BYTES
 ) -> list[list[str]]:
-    """The reference split (§21.2): frozen tensors then trainable ones, each kind in state order packed
-    greedily into parts of at most ``part_bytes`` bytes of data (a larger tensor alone). Never empty."""
+    """The reference split (§21.2): frozen tensors then trainable ones, each kind in the order given (the
+    writer's: sorted by name) packed greedily into parts of at most ``part_bytes`` bytes of data (a larger
+    tensor alone). Never empty: no tensors make one empty part."""
     parts: list[list[str]] = []
     for kind in (False, True):
         current: list[str] = []
